@@ -1,0 +1,16 @@
+"""Registered metrics. Importing this package registers every built-in metric."""
+from .base import METRICS, BlockObservation, Column, Metric, ScanContext, register  # noqa: F401
+from . import activations, heads, lens, representation, weights  # noqa: F401
+
+# The one-pass default scan.
+DEFAULT_METRICS = (
+    "block_influence",
+    "angular_distance",
+    "relative_contribution",
+    "hidden_growth",
+    "logit_lens",
+    "massive_activations",
+    "mlp_sparsity",
+    "attention_heads",
+    "weights",
+)

@@ -1,0 +1,87 @@
+"""Per-head attention statistics (needs attention probabilities: eager attention on a few sequences)."""
+from __future__ import annotations
+
+import torch
+
+from .base import BlockObservation, Column, Metric, register
+
+
+@register
+class AttentionHeads(Metric):
+    """Per head: attention entropy, attention-sink mass on the first token, relative output norm,
+    and a dormant flag.
+
+    Guo et al., 2024, "Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token
+    Phenomena in LLMs": a dormant head puts almost all its attention on the first (sink) token and
+    writes almost nothing. Flag rule used here: sink mass >= 0.7 and the head's mean output norm
+    (input of the attention output projection, per head) <= 0.5 x the layer's mean head norm.
+    Computed on the eager-attention sequences only (SDPA returns no probabilities).
+    """
+
+    name = "attention_heads"
+    direction = "lower"
+    definition = "share of heads flagged dormant (sink mass >= 0.7 and relative output norm <= 0.5)"
+    reference = "Guo et al. 2024, Active-Dormant Attention Heads"
+    needs = frozenset({"attn_probs", "head_out"})
+    sink_threshold = 0.7
+    norm_threshold = 0.5
+
+    @staticmethod
+    def unavailable(parts) -> str | None:
+        return None if parts.num_heads else "number of attention heads unknown"
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        H = ctx.num_heads
+        self.H = H
+        self.ent = torch.zeros(self.L, H, dtype=torch.float64)
+        self.sink = torch.zeros(self.L, H, dtype=torch.float64)
+        self.norm = torch.zeros(self.L, H, dtype=torch.float64)
+        self.n_q = [0] * self.L
+        self.n_tok = [0] * self.L
+        self.causal = ctx.parts.causal
+
+    def observe(self, obs: BlockObservation) -> None:
+        if obs.attn_probs is None:
+            return
+        p = obs.attn_probs.double()  # [B, H, T, S]
+        i = obs.index
+        q0 = 1 if self.causal and p.shape[2] > 1 else 0  # the first query can only attend to itself
+        p = p[:, :, q0:, :]
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, T']
+        self.ent[i] += ent.sum(dim=(0, 2))
+        self.sink[i] += p[..., 0].sum(dim=(0, 2))
+        self.n_q[i] += p.shape[0] * p.shape[2]
+        if obs.head_out is not None:
+            self.norm[i] += obs.head_out.double().norm(dim=-1).sum(dim=(0, 1))
+            self.n_tok[i] += obs.head_out.shape[0] * obs.head_out.shape[1]
+
+    def finish(self) -> list[Column]:
+        nq = torch.tensor(self.n_q, dtype=torch.float64).clamp_min(1)[:, None]
+        ent = self.ent / nq
+        sink = self.sink / nq
+        have_norm = all(n > 0 for n in self.n_tok)
+        if have_norm:
+            norm = self.norm / torch.tensor(self.n_tok, dtype=torch.float64)[:, None]
+            rel = norm / norm.mean(dim=1, keepdim=True).clamp_min(1e-30)
+            dormant = ((sink >= self.sink_threshold) & (rel <= self.norm_threshold)).double()
+        else:
+            rel = torch.full_like(sink, float("nan"))
+            dormant = (sink >= self.sink_threshold).double()
+        seqs = {"observed_queries_per_layer": self.n_q[0]}
+        rule = {"sink_threshold": self.sink_threshold, "norm_threshold": self.norm_threshold}
+        return [
+            self.column("head", ent.tolist(), metric="attention_entropy", direction=None,
+                        definition="mean over queries of the entropy (nats) of the head's attention distribution", **seqs),
+            self.column("head", sink.tolist(), metric="sink_mass", direction="lower",
+                        definition="mean attention probability on the first token", **seqs),
+            self.column("head", rel.tolist(), metric="head_output_norm", direction="higher",
+                        definition="head's mean output norm / mean over the layer's heads", **seqs),
+            self.column("head", dormant.tolist(), metric="dormant_head", direction="lower",
+                        definition="1 if sink mass >= 0.7 and relative output norm <= 0.5", **rule),
+            self.column("attention", ent.mean(1).tolist(), metric="attention_entropy", direction=None,
+                        definition="attention entropy (nats) averaged over the layer's heads"),
+            self.column("attention", sink.mean(1).tolist(), metric="sink_mass", direction="lower",
+                        definition="attention-sink mass on the first token, averaged over heads"),
+            self.column("attention", dormant.mean(1).tolist(), metric="dormant_share", **rule),
+        ]
