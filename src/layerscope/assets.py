@@ -284,11 +284,24 @@ def _quiet_transformers():
     prev_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # the GGUF loader uses a plain tqdm bar that would break rich's live display
+    try:
+        from functools import partial
+
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        prev_tqdm = getattr(gguf_utils, "tqdm", None)
+        if prev_tqdm is not None:
+            gguf_utils.tqdm = partial(prev_tqdm, disable=True)
+    except ImportError:
+        gguf_utils, prev_tqdm = None, None
 
     def restore():
         hf_logging.set_verbosity(prev_level)
         if prev_bars:
             hf_logging.enable_progress_bar()
+        if prev_tqdm is not None:
+            gguf_utils.tqdm = prev_tqdm
 
     return restore
 

@@ -53,7 +53,7 @@ def _in_split(corpus: str, key: str, split: str) -> bool:
 
 # =========================================================================== Wikipedia
 
-WIKI_CLEAN_VERSION = 1
+WIKI_CLEAN_VERSION = 2
 WIKI_CACHE = "articles.json"
 MIN_ARTICLE_WORDS = 150
 
@@ -166,14 +166,62 @@ def _drop_sections(wikitext: str) -> str:
     return "".join(out)
 
 
+def _remove_balanced(text: str, opener: re.Pattern, open_tok: str, close_tok: str) -> str:
+    """Remove every span that starts at `opener` and ends at its balanced `close_tok`."""
+    out, pos = [], 0
+    while True:
+        match = opener.search(text, pos)
+        if not match:
+            out.append(text[pos:])
+            return "".join(out)
+        out.append(text[pos:match.start()])
+        depth, i = 1, match.end()
+        while depth and i < len(text):
+            if text.startswith(open_tok, i):
+                depth, i = depth + 1, i + len(open_tok)
+            elif text.startswith(close_tok, i):
+                depth, i = depth - 1, i + len(close_tok)
+            else:
+                i += 1
+        pos = i if depth == 0 else match.end()  # unbalanced: drop the opener only
+
+
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+_REF_EMPTY = re.compile(r"<ref\b[^<>]*/\s*>", re.IGNORECASE)
+_REF_FULL = re.compile(r"<ref\b[^<>]*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
+_FILE_LINK = re.compile(r"\[\[\s*:?\s*(?:file|image|media|category)\s*:", re.IGNORECASE)
+_TABLE_START = re.compile(r"(?m)^[ \t:]*\{\|")
+_TEMPLATE_START = re.compile(r"\{\{")
+_HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>")
+_LEFTOVER_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
+
+
+def _pre_clean(wikitext: str) -> str:
+    """Remove what mwparserfromhell may leave as text when the markup around it is broken."""
+    text = _COMMENT.sub("", wikitext)
+    text = _REF_EMPTY.sub("", text)
+    text = _REF_FULL.sub("", text)
+    text = _remove_balanced(text, _FILE_LINK, "[[", "]]")
+    text = _remove_balanced(text, _TABLE_START, "{|", "|}")
+    return text
+
+
+def _post_clean(text: str) -> str:
+    """Safety net for markup the parser kept as text (unbalanced templates, tags, links)."""
+    text = _remove_balanced(text, _TEMPLATE_START, "{{", "}}")
+    text = _LEFTOVER_LINK.sub(r"\1", text)
+    text = _HTML_TAG.sub("", text)
+    return text.replace("[[", "").replace("]]", "").replace("{{", "").replace("}}", "")
+
+
 def clean_wikitext(wikitext: str) -> str:
     """Plain text of an article's wikitext: markup, templates, refs, tables, files dropped."""
     import mwparserfromhell
 
-    code = mwparserfromhell.parse(_drop_sections(wikitext))
+    code = mwparserfromhell.parse(_pre_clean(_drop_sections(wikitext)))
     out: list[str] = []
     _strip_nodes(code.nodes, out)
-    return _tidy("".join(out))
+    return _tidy(_post_clean("".join(out)))
 
 
 _HEADING_MARK = "\x01"
