@@ -291,7 +291,7 @@ def _from_spec(model: nn.Module, mtype: str, spec: FamilySpec, path: str, blocks
 
 
 # ---------------------------------------------------------------- structural fallback
-_ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention", "mixer")
+_ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block")
 
 

@@ -281,9 +281,9 @@ def _run_block(runner: BlockRunner, parts: ModelParts, i: int, hidden: list[torc
             observer.collect_probs = batch.eager
             out = runner.forward_block(i, h, batch)
             runner.check_finite(out, f"the output of block {i}")
-            s = observer.store
+            s = {k: _as_tokens(v, h) for k, v in observer.store.items()}
             obs = BlockObservation(index=i, batch_index=b, h_in=h, h_out=out, h_mid=s.get("h_mid"),
-                                   attn_out=s.get("attn_out"), attn_probs=s.get("attn_probs"),
+                                   attn_out=s.get("attn_out"), attn_probs=observer.store.get("attn_probs"),
                                    head_out=s.get("head_out"), mlp_act=s.get("mlp_act"))
             for m in metrics:
                 m.observe(obs)
@@ -292,6 +292,13 @@ def _run_block(runner: BlockRunner, parts: ModelParts, i: int, hidden: list[torc
     finally:
         observer.remove()
     return out_hidden
+
+
+def _as_tokens(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Some blocks (OPT) flatten [B, T, d] to [B*T, d] inside; restore the token layout."""
+    if x.dim() == 2 and x.shape[0] == like.shape[0] * like.shape[1]:
+        return x.reshape(like.shape[0], like.shape[1], x.shape[-1])
+    return x
 
 
 def _transformers_version() -> str:

@@ -1,0 +1,18 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def smollm2_ready() -> bool:
+    from layerscope import assets
+
+    return assets.is_ready("smollm2")
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_ready(), reason="run `layerscope assets fetch` first")
