@@ -67,6 +67,8 @@ def register_section(key: str, title: str, render: Callable[[ScoreTable], str | 
 
     At render time every registered section whose `render(table)` returns non-None HTML is included,
     sorted by `order` (ties: registration order). The returned HTML is inserted without escaping.
+    Built-in keys: summary (10), heatmap (20), depth (30), ranking (40), heads (50),
+    massive_activations (60), definitions (900); registering one of these keys replaces it.
     """
     if not key or not isinstance(key, str):
         raise ValueError("section key must be a non-empty string")
