@@ -109,3 +109,81 @@ def perplexity(model: torch.nn.Module, tokenizer: Any = None, protocol: Perplexi
         raise LayerscopeError("the model produced non-finite log-likelihoods (NaN/Inf)")
     return PerplexityResult(protocol=protocol, perplexity=math.exp(mean), mean_nll=mean, tokens_scored=count,
                             model_id=model_id)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+class EmbeddingProtocol(BaseModel):
+    """How the sentence embeddings of an encoder are compared; stored beside every result."""
+
+    dataset: str = "sentiment"
+    split: str = "evaluation"
+    sentences: int = 512
+    max_length: int = 128
+    batch_size: int = 32
+    pooling: str = "mean over non-padding tokens, L2-normalised (sentence-transformers' all-MiniLM-L6-v2 pipeline)"
+
+
+class FidelityResult(BaseModel):
+    protocol: EmbeddingProtocol
+    mean_cosine: float  # mean over sentences of cos(pruned embedding, original embedding)
+    min_cosine: float
+    recall_at_1: float  # share of sentences whose pruned embedding is closest to their own original
+    similarity_spearman: float  # Spearman rank correlation of all pairwise cosine similarities
+    sentences: int
+    model_id: str = ""
+    reference_id: str = ""
+
+
+def sentence_texts(protocol: EmbeddingProtocol) -> list[str]:
+    """The evaluated sentences: the first `protocol.sentences` of the chosen split (deterministic)."""
+    from .data import load_texts
+
+    texts = [t.strip() for t in load_texts(protocol.dataset, split=protocol.split) if t.strip()]
+    if protocol.dataset not in ("sentiment",):  # documents: one sentence-sized piece per line
+        texts = [line.strip() for t in texts for line in t.splitlines() if len(line.split()) >= 4]
+    if len(texts) < 2:
+        raise LayerscopeError("embedding fidelity needs at least two sentences")
+    return texts[: protocol.sentences]
+
+
+@torch.no_grad()
+def sentence_embeddings(model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int = 128,
+                        batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled (attention-mask weighted), L2-normalised last hidden states, as sentence-transformers."""
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            h = model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(F.normalize(emb, p=2, dim=1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def embedding_fidelity(model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any,
+                       protocol: EmbeddingProtocol | None = None, texts: list[str] | None = None,
+                       model_id: str = "", reference_id: str = "") -> FidelityResult:
+    """How well a (pruned) encoder's sentence embeddings reproduce the reference model's."""
+    from scipy.stats import spearmanr
+
+    protocol = protocol or EmbeddingProtocol()
+    texts = texts if texts is not None else sentence_texts(protocol)
+    a = sentence_embeddings(model, tokenizer, texts, protocol.max_length, protocol.batch_size)
+    b = sentence_embeddings(reference, tokenizer, texts, protocol.max_length, protocol.batch_size)
+    cos = (a * b).sum(-1)
+    sim = a @ b.T  # [pruned i, original j]
+    recall = float((sim.argmax(dim=1) == torch.arange(len(texts))).float().mean())
+    iu = torch.triu_indices(len(texts), len(texts), offset=1)
+    rho = spearmanr((a @ a.T)[iu[0], iu[1]].numpy(), (b @ b.T)[iu[0], iu[1]].numpy()).statistic
+    return FidelityResult(protocol=protocol, mean_cosine=float(cos.mean()), min_cosine=float(cos.min()),
+                          recall_at_1=recall, similarity_spearman=float(rho), sentences=len(texts),
+                          model_id=model_id, reference_id=reference_id)
