@@ -363,6 +363,7 @@ def test_sweep_cli_and_in_memory_equals_written_dir(models, scores, textfile, tm
         assert c["perplexity"][0] == pytest.approx(res["baseline"])
     assert (out / "sweep.png").stat().st_size > 1000
     assert "sweep" in json.loads((out / "scores.json").read_text())["extras"]
+    assert 'data-chart="sweep"' in (out / "report.html").read_text()
     # the in-memory curve point equals the perplexity of the directory prune writes
     order = res["greedy"]["order"]
     pdir = tmp_path / "pdir"
@@ -457,3 +458,20 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert plain.config.num_hidden_layers == 28
     assert perplexity(plain, tok, proto).perplexity == pytest.approx(mem, rel=1e-4)
+
+
+def test_sweep_uses_ground_truth_greedy_order_when_present():
+    from layerscope.scoretable import Provenance, ScoreColumn, ScoreTable
+    from layerscope.sweep import ground_truth_order, parse_orders, parse_range
+
+    table = ScoreTable(provenance=Provenance(model_id="m", model_family="llama", num_layers=6, layerscope_version="x"))
+    assert ground_truth_order(table, "block") is None
+    table.add(ScoreColumn(name="ablation_kl", metric="ablation_kl", unit="block", direction="higher", definition="",
+                          values=[1, 2, 3, 4, 5, 6], details={"greedy": {"order": [4, 1, 2], "by": "kl"}}))
+    order, where = ground_truth_order(table, "block")
+    assert order == [4, 1, 2] and "ablation_kl" in where
+    assert ground_truth_order(table, "attention") is None
+    assert [o.label for o in parse_orders("a,random:3,reverse,greedy")] == ["a", "random:3", "reverse", "greedy"]
+    assert parse_range("0..3", 6, "block") == [0, 1, 2, 3] and parse_range("2", 6, "block") == [0, 1, 2]
+    with pytest.raises(LayerscopeError):
+        parse_range("0..6", 6, "block")

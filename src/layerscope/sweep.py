@@ -97,14 +97,20 @@ def ranking_columns(table, unit: str) -> list[str]:
 def ground_truth_order(table, unit: str) -> tuple[list[int], str] | None:
     """The ablation (greedy/iterative) order stored by the ground-truth module, if any.
 
-    Accepted shapes in ``table.extras``: ``ground_truth.<greedy|iterative|order>[.<unit>]`` being a
+    Looked up in the score columns' ``details['greedy']`` (``ablation`` metric with
+    ``ablation_greedy=K``), then in ``table.extras``: ``ground_truth.<greedy|iterative|order>[.<unit>]`` being a
     list of unit indices or a dict with ``order`` (also ``ablation_order`` / ``greedy_order`` at the
     top level).
     """
     if table is None:
         return None
-    ex = table.extras or {}
     cands: list[tuple[Any, str]] = []
+    # layerscope.ground_truth's ablation metric keeps its greedy order in the block column's details
+    for col in table.columns.values():
+        g = (col.details or {}).get("greedy")
+        if col.unit == unit and isinstance(g, dict) and g.get("order"):
+            cands.append((g, f"{col.name} details.greedy (by {g.get('by', '?')})"))
+    ex = table.extras or {}
     gt = ex.get("ground_truth")
     if isinstance(gt, dict):
         for key in ("greedy", "iterative", "order", "greedy_order", "ablation_order"):
@@ -238,6 +244,8 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
     if not ks or ks[0] < 0 or ks[-1] >= n_units:
         raise LayerscopeError(f"numbers of removed units must be between 0 and {n_units - 1}")
     kmax = ks[-1]
+    if table is not None and table.num_layers != n_units:
+        raise LayerscopeError(f"the score table has {table.num_layers} layers but the model has {n_units} {unit} units")
     protocol = protocol or PerplexityProtocol()
     if ids is None:
         ids = token_stream(tokenizer, protocol)
