@@ -193,7 +193,7 @@ def scan(
     needs_data = any(m.needs_data for m in instances)
 
     opts = dict(options or {})
-    opts.update(lens_tokens=lens_tokens)
+    opts.update(lens_tokens=lens_tokens, weights_sha256=weights_sha)
     max_pos = _max_positions(model)
     if max_pos:
         seq_len = min(seq_len, max_pos)

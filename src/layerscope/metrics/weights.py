@@ -1,13 +1,20 @@
 """Weight-only metrics (no data): outliers and the singular-value spectrum of every linear layer."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import torch
 
 from ..adapter import linear_weight
+from ..io import write_json_atomic
 from .base import Column, Metric, register
+
+
+def _jsonable(rows):
+    return [{k: {f: (None if isinstance(v, float) and v != v else v) for f, v in r.items()} for k, r in layer.items()}
+            for layer in rows]
 
 
 def gram_eigenvalues(w: torch.Tensor) -> np.ndarray:
@@ -37,21 +44,21 @@ def power_law_alpha(eig: np.ndarray, min_tail: int = 10) -> float:
     n = len(x)
     if n < min_tail + 1:
         return float("nan")
-    best = (float("inf"), float("nan"))
     logx = np.log(x)
-    for k in range(0, n - min_tail):
-        tail_log = logx[k:] - logx[k]
-        s = tail_log.sum()
-        if s <= 0:
-            continue
-        m = n - k
-        alpha = 1.0 + m / s
-        emp = np.arange(m) / m
-        theo = 1.0 - np.exp((1.0 - alpha) * tail_log)
-        ks = float(np.abs(emp - theo).max())
-        if ks < best[0]:
-            best = (ks, alpha)
-    return best[1]
+    ks_idx = np.arange(n - min_tail)  # candidate x_min positions
+    m = n - ks_idx  # tail sizes
+    s = np.cumsum(logx[::-1])[::-1][ks_idx] - m * logx[ks_idx]  # sum of log(x / x_min) over each tail
+    valid = s > 0
+    alpha = np.where(valid, 1.0 + m / np.where(valid, s, 1.0), np.nan)
+    j = np.arange(n)
+    rel = logx[None, :] - logx[ks_idx, None]  # [candidates, n]; entries with j < k are masked
+    inside = j[None, :] >= ks_idx[:, None]
+    emp = (j[None, :] - ks_idx[:, None]) / m[:, None]
+    theo = 1.0 - np.exp((1.0 - alpha[:, None]) * np.where(inside, rel, 0.0))
+    ks = np.where(inside, np.abs(emp - theo), 0.0).max(axis=1)
+    ks = np.where(valid, ks, np.inf)
+    best = int(np.argmin(ks))
+    return float(alpha[best]) if np.isfinite(ks[best]) else float("nan")
 
 
 def outlier_share(w: torch.Tensor, z: float = 1.0) -> float:
@@ -88,12 +95,29 @@ class WeightSpectrum(Metric):
         "power_law_alpha": ("lower", "MLE power-law exponent of the eigenvalue spectrum tail, mean over matrices"),
     }
 
+    CACHE_VERSION = 1
+
     def begin(self, ctx):
         super().begin(ctx)
         self.per_layer: list[dict[str, dict]] = [dict() for _ in range(self.L)]
+        self.cache_file = None
+        self.cached = False
+        sha = ctx.options.get("weights_sha256")
+        if sha:  # weight statistics depend on the weights alone: reuse them across scans
+            from ..paths import cache_root
+
+            self.cache_file = cache_root() / "weights" / f"{sha}-v{self.CACHE_VERSION}.json"
+            try:
+                rows = json.loads(self.cache_file.read_text())
+                if isinstance(rows, list) and len(rows) == self.L:
+                    self.per_layer, self.cached = rows, True
+            except (OSError, ValueError):
+                pass
 
     @torch.no_grad()
     def observe_weights(self, i: int) -> None:
+        if self.cached:
+            return
         parts = self.ctx.parts
         rows = {}
         for name, mod in parts.block_linears(i).items():
@@ -116,10 +140,15 @@ class WeightSpectrum(Metric):
         if stat == "zd_outlier_share":
             tot = sum(r["params"] for r in rows.values())
             return sum(r[stat] * r["params"] for r in rows.values()) / tot
-        vals = [r[stat] for r in rows.values() if r[stat] == r[stat]]
+        vals = [r[stat] for r in rows.values() if r[stat] is not None and r[stat] == r[stat]]
         return float(np.mean(vals)) if vals else None
 
     def finish(self) -> list[Column]:
+        if self.cache_file is not None and not self.cached:
+            try:
+                write_json_atomic(self.cache_file, _jsonable(self.per_layer))
+            except OSError:
+                pass
         cols = []
         for stat, (direction, definition) in self.STATS.items():
             for unit in ("block", "attention", "mlp"):
@@ -128,6 +157,6 @@ class WeightSpectrum(Metric):
                     sel = rows if unit == "block" else {k: r for k, r in rows.items() if r["sublayer"] == unit}
                     vals.append(self._aggregate(sel, stat))
                 extra = {"per_matrix": [{k: {s: r[s] for s in self.STATS} for k, r in rows.items()}
-                                        for rows in self.per_layer]} if unit == "block" else {}
+                                        for rows in self.per_layer], "cached": self.cached} if unit == "block" else {}
                 cols.append(self.column(unit, vals, metric=stat, direction=direction, definition=definition, **extra))
         return cols
