@@ -271,7 +271,7 @@ def recommend(rows: list[dict], truths: Sequence[str]) -> dict[str, list[dict[st
     for unit in UNITS:
         cands = []
         for r in rows:
-            if r["unit"] != unit or r["kind"] in ("ablation", "quantization") or r["metric"] in truths:
+            if r["unit"] != unit or r["kind"] in ("ablation", "quantization"):
                 continue
             t = _primary_for(truths, r)
             if t is None:
@@ -451,13 +451,15 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
           *, tokenizer=None, data: str = "wikipedia", second_corpus: str | None = "shakespeare", tokens: int = 4096,
           seq_len: int = 512, batch_size: int = 4, bootstrap: int = 20, groups: int = 8, ablation_data: str = "evaluation",
           ablation_tokens: int = 2048, gradient_tokens: int | None = None, extra_scorers: bool = True, seed: int = 0,
-          trust_remote_code: bool = False, progress: bool = False, log=None) -> "Any":
+          trust_remote_code: bool = False, progress: bool = False, options: dict[str, Any] | None = None,
+          log=None) -> "Any":
     """Score table with the agreement analysis in ``table.extras['agreement']``.
 
     model: as for `scan` (None = the embedded SmolLM2). scores: a ScoreTable or a scores.json path
     to start from (it must come from the same model); whatever the analysis needs and the table lacks
     (the default cheap metrics, the ground truths, grad_norm / relevance / weight_norm when
-    `extra_scorers`) is computed. With `out`, writes agreement.json, scores.json and report.html there.
+    `extra_scorers`) is computed. `options` are passed to the scans' metrics (e.g. ablation_greedy,
+    quant_tokens). With `out`, writes agreement.json, scores.json and report.html there.
     """
     import torch
 
@@ -467,6 +469,7 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
     from .scoretable import ScoreTable
 
     say = log or (lambda msg: None)
+    extra_options = options
     table = None
     if scores is not None:
         table = scores if isinstance(scores, ScoreTable) else ScoreTable.from_json(scores)
@@ -492,6 +495,7 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
     if gradient_tokens:
         options["gradient_tokens"] = gradient_tokens
         options["relevance_tokens"] = gradient_tokens
+    options.update(extra_options or {})
 
     wanted: list[str] = []
     if table is None:
@@ -667,6 +671,15 @@ def render_section(table) -> str | None:
             fig2.update_layout(**base_layout(xaxis=dict(title=best["column"]), yaxis=dict(title=primary), height=380))
             html.append(plotly_chart(fig2, "agreement-scatter",
                                      caption=f"Best cheap metric vs {primary}, one point per block (labels = block index)"))
+    if rows and len(truths) > 1:
+        html.append("<h3>Block metrics against every ground truth (Spearman ρ)</h3>")
+        head = "".join(f"<th>{escape(t)}</th>" for t in truths)
+        body = "".join(
+            f"<tr><td>{escape(r['column'])}</td><td>{escape(r['kind'])}</td>"
+            + "".join(f"<td>{escape(fmt((r['vs'].get(t) or {}).get('spearman'), 3))}</td>" for t in truths) + "</tr>"
+            for r in rows)
+        html.append(f'<table class="ls-table"><thead><tr><th>metric</th><th>kind</th>{head}</tr></thead>'
+                    f"<tbody>{body}</tbody></table>")
     dis = res.get("disagreements") or {}
     if dis.get("units"):
         html.append(f"<h3>Blocks where the cheap metrics and {escape(dis['truth'])} disagree most</h3>")

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         bootstrap: int = typer.Option(20, "--bootstrap", help="Bootstrap resamples for ranking stability (0 = skip)."),
         groups: int = typer.Option(8, "--groups", help="Groups of calibration windows scanned alone for the bootstrap."),
         no_extras: bool = typer.Option(False, "--no-extras", help="Do not run grad_norm / relevance / weight_norm next to the truths."),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="KEY=VALUE passed to the metrics (e.g. ablation_greedy=5, quant_tokens=2048); repeatable."),
         seed: int = typer.Option(0, "--seed"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -49,10 +50,28 @@ def register(app: typer.Typer) -> None:
                       seq_len=seq_len, batch_size=batch_size, bootstrap=bootstrap, groups=groups,
                       ablation_data=ablation_data, ablation_tokens=ablation_tokens, gradient_tokens=gradient_tokens,
                       extra_scorers=not no_extras, seed=seed, trust_remote_code=trust_remote_code, progress=not quiet,
-                      log=log)
+                      options=parse_options(option), log=log)
         if not quiet:
             print_agreement(table.extras["agreement"])
         typer.echo(f"wrote {out / 'agreement.json'}, {out / 'scores.json'}, {out / 'report.html'}")
+
+
+def parse_options(items: list[str] | None) -> dict:
+    """KEY=VALUE strings to a dict; values become int, float or str."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LayerscopeError(f"--option expects KEY=VALUE, got '{item}'")
+        v: object = value.strip()
+        for cast in (int, float):
+            try:
+                v = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = v
+    return out
 
 
 def print_agreement(res: dict) -> None:

@@ -233,6 +233,62 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
     return res
 
 
+@contextmanager
+def blocks_removed(parts, removed: Sequence[int]) -> Iterator[None]:
+    """The model's block list without `removed` for the duration (blocks physically gone)."""
+    parent_path, _, attr = parts.blocks_path.rpartition(".")
+    parent = parts.model.get_submodule(parent_path) if parent_path else parts.model
+    original = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([b for j, b in enumerate(original) if j not in set(removed)]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+@torch.no_grad()
+def naive_leave_one_out(parts, batches: Sequence[dict[str, torch.Tensor]], units: Sequence[str] = ("block",)) -> AblationResult:
+    """Reference implementation: one full forward of the model per ablated unit (no prefix reuse).
+
+    A block is removed from the model's block list; a sublayer is zeroed by the same hook as in
+    `leave_one_out`. Scoring is shared with `leave_one_out` (`Reference.score_logits`). Used by
+    bench/ablation.py to check that prefix reuse gives the same numbers.
+    """
+    model = parts.model
+    L = parts.num_layers
+    units = tuple(u for u in UNITS if u in set(units))
+    res = AblationResult(num_layers=L, units=units)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+
+    def logits(inputs):
+        return model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
+
+    for inputs in batches:
+        ref = Reference(None, inputs["input_ids"].to(device), logits=logits(inputs))
+        res.block_evaluations += L
+        res.naive_block_evaluations += L
+        res.base_nll_sum += ref.nll
+        res.positions += ref.n
+        for i in range(L):
+            for unit in units:
+                if unit == "block":
+                    with blocks_removed(parts, [i]):
+                        lg = logits(inputs)
+                    res.block_evaluations += L - 1
+                else:
+                    with zero_sublayer(parts, i, unit):
+                        lg = logits(inputs)
+                    res.block_evaluations += L
+                kl, nll, _ = ref.score_logits(lg)
+                res.head_evaluations += 1
+                res.kl_sum[unit][i] += kl
+                res.nll_sum[unit][i] += nll
+    res.naive_block_evaluations = res.block_evaluations
+    res.wall_time_s = time.perf_counter() - t0
+    return res
+
+
 @torch.no_grad()
 def greedy_block_removal(runner, steps: int, by: str = "kl") -> dict[str, Any]:
     """Iterative ablation: remove the cheapest block, re-score the rest, repeat `steps` times.
