@@ -16,3 +16,9 @@ def smollm2_ready() -> bool:
 
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_ready(), reason="run `layerscope assets fetch` first")
+
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()

@@ -56,3 +56,30 @@ def sample_inputs(family: str, n: int = 4, seq: int = 24, seed: int = 0):
     if family == "vit":
         return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
     return torch.randint(3, V, (n, seq), generator=g)
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer over V words (w0..), so any whitespace text of those words tokenizes."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(V - 3)]
+    tk = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(family: str, path, seed: int = 0):
+    """A tiny model directory (safetensors + config + tokenizer) as users would have on disk."""
+    model = build(family, seed=seed)
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_text(n_words: int = 3000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V - 3, (n_words,), generator=g).tolist()
+    paras = [" ".join(f"w{i}" for i in ids[s:s + 100]) for s in range(0, n_words, 100)]
+    return "\n\n".join(paras)

@@ -35,9 +35,18 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and warnings would bury our one-line messages."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     debug = os.environ.get("LAYERSCOPE_DEBUG") == "1"
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except LayerscopeError as exc:

@@ -156,15 +156,14 @@ def load_model(
     cls = _auto_class(config)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
     try:
-        model = cls.from_pretrained(
-            source,
-            config=config,
-            dtype=dtype or torch.float32,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-            use_safetensors=True,
-        )
+        try:
+            model = cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        except ValueError as exc:
+            if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
+                raise
+            model = cls.from_pretrained(source, attn_implementation="eager", **kwargs)  # no SDPA kernel for it
     except ValueError as exc:
         raise LayerscopeError(f"unsupported architecture in {model_id}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:

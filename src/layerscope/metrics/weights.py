@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..adapter import linear_weight
+from ..errors import NumericalError
 from ..io import write_json_atomic
 from .base import Column, Metric, register
 
@@ -122,6 +123,8 @@ class WeightSpectrum(Metric):
         rows = {}
         for name, mod in parts.block_linears(i).items():
             w = linear_weight(mod).float()
+            if not torch.isfinite(w).all():
+                raise NumericalError(f"non-finite weights (NaN/Inf) in block {i}, {name}")
             eig = gram_eigenvalues(w)
             k = min(w.shape)
             rows[name] = {
