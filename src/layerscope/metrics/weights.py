@@ -104,7 +104,7 @@ class WeightSpectrum(Metric):
         self.cache_file = None
         self.cached = False
         sha = ctx.options.get("weights_sha256")
-        if sha:  # weight statistics depend on the weights alone: reuse them across scans
+        if sha and ctx.options.get("weights_cache", True):  # weight statistics depend on the weights alone: reuse them across scans
             from ..paths import cache_root
 
             self.cache_file = cache_root() / "weights" / f"{sha}-v{self.CACHE_VERSION}.json"
