@@ -169,19 +169,17 @@ class BlockRunner:
 
 
 def make_batches(
-    input_ids: torch.Tensor, batch_size: int, eager_seqs: int = 0
+    inputs: dict[str, torch.Tensor] | torch.Tensor, batch_size: int, eager_seqs: int = 0
 ) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """Split [N, T] token windows into batches; the first `eager_seqs` windows form their own batch.
+    """Split model inputs (token ids [N, T], or a dict of tensors with a leading sequence axis such
+    as pixel_values) into batches; the first `eager_seqs` sequences form their own batch.
 
     Returns (batches, number of leading batches to run with eager attention).
     """
-    n = input_ids.shape[0]
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
+    n = next(iter(inputs.values())).shape[0]
     eager_seqs = max(0, min(eager_seqs, n))
-    out: list[dict[str, torch.Tensor]] = []
-    if eager_seqs:
-        ids = input_ids[:eager_seqs]
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    for s in range(eager_seqs, n, batch_size):
-        ids = input_ids[s : s + batch_size]
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out, (1 if eager_seqs else 0)
+    bounds = ([(0, eager_seqs)] if eager_seqs else []) + [
+        (s, min(s + batch_size, n)) for s in range(eager_seqs, n, batch_size)]
+    return [{k: v[a:b] for k, v in inputs.items()} for a, b in bounds], (1 if eager_seqs else 0)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import __version__
 from .adapter import ModelParts, find_parts
-from .engine import Batch, BlockRunner, make_batches
+from .engine import BlockRunner, make_batches
 from .errors import LayerscopeError
 from .metrics import DEFAULT_METRICS, METRICS, BlockObservation, Metric, ScanContext
 from .scoretable import Provenance, ScoreColumn, ScoreTable
@@ -200,21 +200,17 @@ def scan(
     ids, source = (None, None)
     batches: list[dict[str, torch.Tensor]] = []
     eager = 0
+    n_tokens = 0
     if needs_data:
-        if isinstance(data, dict):  # e.g. {"pixel_values": tensor}
-            key, tensor = next(iter(data.items()))
-            batches = [{key: tensor[s:s + batch_size]} for s in range(0, tensor.shape[0], batch_size)]
-            source, n_tokens = f"{key} {tuple(tensor.shape)}", int(tensor.shape[0])
-            if attn_seqs:
-                batches = [{key: tensor[:attn_seqs]}] + [
-                    {key: tensor[s:s + batch_size]} for s in range(attn_seqs, tensor.shape[0], batch_size)]
-                eager = 1
+        want_eager = attn_seqs if any("attn_probs" in m.needs for m in instances) else 0
+        if isinstance(data, dict):  # non-text inputs, e.g. {"pixel_values": tensor}
+            first = next(iter(data.values()))
+            source, n_tokens = f"{', '.join(data)} {tuple(first.shape)}", int(first.shape[0])
+            batches, eager = make_batches(data, batch_size, want_eager)
         else:
             ids, source = prepare_tokens(source_tokenizer, data, tokens, seq_len, split)
-            batches, eager = make_batches(ids, batch_size, attn_seqs if any(m.needs & {"attn_probs"} for m in instances) else 0)
+            batches, eager = make_batches(ids, batch_size, want_eager)
             n_tokens = int(ids.numel())
-    else:
-        n_tokens = 0
     runner = BlockRunner(parts, batches, eager_batches=eager) if needs_data else None
     ctx = ScanContext(parts=parts, runner=runner, num_layers=L, num_heads=parts.num_heads,
                       n_tokens=n_tokens, seed=seed, options=opts)
