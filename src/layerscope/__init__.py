@@ -8,4 +8,9 @@ def __getattr__(name: str):
         from .fast import load
 
         return load
+    if name in ("probe", "lens", "steer"):
+        import importlib
+
+        module = importlib.import_module(f".{'lenses' if name == 'lens' else name}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'layerscope' has no attribute '{name}'")

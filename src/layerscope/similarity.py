@@ -1,0 +1,211 @@
+"""Layer similarity: linear CKA between every pair of residual-stream layers.
+
+Linear centred kernel alignment (Kornblith et al. 2019, "Similarity of Neural Network
+Representations Revisited"):  for token representations X [n, d1] and Y [n, d2] with centred
+columns,  CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F).  It is 1 for identical
+representations and invariant to orthogonal transforms and isotropic scaling of either.
+
+Computed on calibration tokens (Wikipedia calibration split by default) through the Gram matrices
+K = X X^T (cheaper than the feature-space form when the model is wider than ~n/L).  The first
+position of every window is left out by default: decoder models park an outsized "attention
+sink" activation there that would dominate every layer's Gram matrix.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import LayerscopeError
+
+
+def linear_cka(X: Any, Y: Any) -> float:
+    """Linear CKA between two representations of the same n examples ([n, d1], [n, d2])."""
+    X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
+    Y = torch.as_tensor(np.asarray(Y), dtype=torch.float64)
+    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
+        raise LayerscopeError(f"CKA needs two [n, d] matrices with the same n, got {tuple(X.shape)} and {tuple(Y.shape)}")
+    X = X - X.mean(0)
+    Y = Y - Y.mean(0)
+    num = (Y.T @ X).pow(2).sum()
+    den = (X.T @ X).norm() * (Y.T @ Y).norm()
+    return float(num / den) if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def cka_matrix(states: Sequence[Any], chunk: int = 1 << 20) -> np.ndarray:
+    """All-pairs linear CKA of a list of [n, d_i] representations, as an [m, m] float64 array."""
+    if not states:
+        raise LayerscopeError("no representations to compare")
+    n = int(np.asarray(states[0]).shape[0]) if not isinstance(states[0], torch.Tensor) else states[0].shape[0]
+    if n < 2:
+        raise LayerscopeError("CKA needs at least two examples")
+    m = len(states)
+    flat = torch.empty((m, n * n), dtype=torch.float32)
+    valid = np.ones(m, dtype=bool)
+    for i, s in enumerate(states):
+        X = torch.as_tensor(np.asarray(s) if not isinstance(s, torch.Tensor) else s).to(torch.float64)
+        if X.shape[0] != n:
+            raise LayerscopeError("all representations must cover the same examples")
+        X = X - X.mean(0)
+        K = X @ X.T
+        nrm = K.norm()
+        if not torch.isfinite(nrm) or nrm == 0:
+            valid[i] = False
+            flat[i] = 0
+            continue
+        flat[i] = (K / nrm).reshape(-1).to(torch.float32)
+        del K, X
+    G = torch.zeros((m, m), dtype=torch.float64)
+    for s in range(0, n * n, chunk):
+        c = flat[:, s:s + chunk].to(torch.float64)
+        G += c @ c.T
+    out = G.numpy()
+    out[~valid, :] = np.nan
+    out[:, ~valid] = np.nan
+    d = np.arange(m)[valid]
+    out[d, d] = 1.0
+    return out
+
+
+@dataclass
+class SimilarityResult:
+    matrix: np.ndarray  # [L+1, L+1]
+    layer_names: list[str]
+    n_tokens: int
+    source: str
+    skip_first: bool
+    model_id: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        m = [[None if not math.isfinite(v) else round(float(v), 6) for v in row] for row in self.matrix]
+        off = self.matrix.copy()
+        np.fill_diagonal(off, np.nan)
+        adj = [float(self.matrix[i, i + 1]) for i in range(len(self.matrix) - 1)]
+        return {
+            "metric": "linear CKA (Kornblith et al. 2019)",
+            "model_id": self.model_id,
+            "layer_names": self.layer_names,
+            "matrix": m,
+            "adjacent": [round(v, 6) for v in adj],
+            "n_tokens": self.n_tokens,
+            "source": self.source,
+            "first_position_excluded": self.skip_first,
+            "notes": self.notes,
+        }
+
+
+@torch.no_grad()
+def layer_similarity(model: Any = None, data: Any = "wikipedia", *, tokens: int = 2048, seq_len: int = 128,
+                     seed: int = 0, skip_first: bool = True, split: str = "calibration",
+                     tokenizer: Any = None, batch_size: int = 8) -> SimilarityResult:
+    """Linear CKA between all pairs of layers 0..L on calibration tokens."""
+    from .probe import Subject, layer_names, load_subject, max_context, run_base, tap_layers
+    from .scan import prepare_tokens
+
+    subject = model if isinstance(model, Subject) else load_subject(model, tokenizer)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 8:
+        raise LayerscopeError(f"CKA needs at least 8 tokens, got {tokens!r}")
+    ctx = max_context(subject.model)
+    if ctx:
+        seq_len = min(seq_len, ctx)
+    per_window = seq_len - 1 if skip_first else seq_len
+    n_windows = max(1, math.ceil(tokens / per_window))
+    ids, source = prepare_tokens(subject.tokenizer, data, n_windows * seq_len, seq_len, split)
+    L = subject.num_layers
+    states: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+    start = 1 if skip_first and ids.shape[1] > 1 else 0
+    for s in range(0, ids.shape[0], batch_size):
+        batch = ids[s:s + batch_size]
+
+        def grab(layer: int, h: torch.Tensor) -> None:
+            states[layer].append(h[:, start:].reshape(-1, h.shape[-1]).float().cpu())
+
+        with tap_layers(subject.parts, grab):
+            run_base(subject.parts, batch, torch.ones_like(batch))
+    mats = [torch.cat(x)[:tokens] for x in states]
+    n = int(mats[0].shape[0])
+    matrix = cka_matrix(mats)
+    return SimilarityResult(matrix=matrix, layer_names=layer_names(L), n_tokens=n, source=str(source),
+                            skip_first=bool(start), model_id=subject.model_id)
+
+
+# =========================================================================== HTML
+
+_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def colour(v: float, lo: float = 0.0, hi: float = 1.0) -> str:
+    if v is None or not math.isfinite(v):
+        return "#eee"
+    t = min(1.0, max(0.0, (v - lo) / (hi - lo) if hi > lo else 0.0)) * (len(_VIRIDIS) - 1)
+    i = min(int(t), len(_VIRIDIS) - 2)
+    f = t - i
+    r, g, b = (round(a + (c - a) * f) for a, c in zip(_VIRIDIS[i], _VIRIDIS[i + 1]))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def svg_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], *, cell: int = 14,
+                lo: float = 0.0, hi: float = 1.0, title: str = "") -> str:
+    m = len(matrix)
+    cell = max(6, min(cell, 560 // max(m, 1)))
+    ml, mt = 40, 20
+    size = ml + m * cell + 70
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{mt + m * cell + 30}" '
+           f'style="font:10px sans-serif">']
+    if title:
+        out.append(f'<text x="{ml}" y="12">{html.escape(title)}</text>')
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            val = float("nan") if v is None else float(v)
+            tip = f"{labels[i]} vs {labels[j]}: {val:.3f}" if math.isfinite(val) else f"{labels[i]} vs {labels[j]}: n/a"
+            out.append(f'<rect x="{ml + j * cell}" y="{mt + i * cell}" width="{cell}" height="{cell}" '
+                       f'fill="{colour(val, lo, hi)}"><title>{html.escape(tip)}</title></rect>')
+    step = max(1, m // 10)
+    for i in range(0, m, step):
+        out.append(f'<text x="{ml - 3}" y="{mt + i * cell + cell * 0.75:.1f}" text-anchor="end">{i}</text>')
+        out.append(f'<text x="{ml + i * cell + cell / 2:.1f}" y="{mt + m * cell + 12}" text-anchor="middle">{i}</text>')
+    x0 = ml + m * cell + 12
+    for k in range(11):
+        v = lo + (hi - lo) * (10 - k) / 10
+        out.append(f'<rect x="{x0}" y="{mt + k * (m * cell / 11):.1f}" width="12" height="{m * cell / 11 + 0.5:.1f}" '
+                   f'fill="{colour(v, lo, hi)}"/>')
+        if k in (0, 5, 10):
+            out.append(f'<text x="{x0 + 16}" y="{mt + k * (m * cell / 11) + 8:.1f}">{v:.2f}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def render_similarity_section(data: dict) -> str | None:
+    """HTML for `table.extras['layer_similarity']` (SimilarityResult.to_dict())."""
+    if not data or not data.get("matrix"):
+        return None
+    labels = data.get("layer_names") or [str(i) for i in range(len(data["matrix"]))]
+    adj = data.get("adjacent") or []
+    most = sorted(range(len(adj)), key=lambda i: -adj[i])[:3] if adj else []
+    note = ", ".join(f"{i}-{i + 1} ({adj[i]:.3f})" for i in most)
+    return (f"<p>Linear CKA between every pair of layers (0 = embeddings) on {data.get('n_tokens')} tokens of "
+            f"{html.escape(str(data.get('source')))}"
+            f"{' (first position of each window excluded)' if data.get('first_position_excluded') else ''}. "
+            f"Most similar adjacent layers: {html.escape(note)}.</p>"
+            + svg_heatmap(data["matrix"], labels))
+
+
+def _register_sections() -> None:
+    try:
+        from .report import register_section  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    try:
+        register_section("layer_similarity", "Layer similarity (linear CKA)",
+                         lambda table: render_similarity_section(table.extras.get("layer_similarity") or {}), order=71)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+_register_sections()
