@@ -153,7 +153,7 @@ def scan(
     seq_len: int = 512,
     batch_size: int = 4,
     attn_seqs: int = 2,
-    lens_tokens: int = 256,
+    lens_tokens: int | None = None,
     seed: int = 0,
     split: str = "calibration",
     trust_remote_code: bool = False,
@@ -193,7 +193,7 @@ def scan(
     needs_data = any(m.needs_data for m in instances)
 
     opts = dict(options or {})
-    opts.update(lens_tokens=lens_tokens, weights_sha256=weights_sha)
+    opts.update(weights_sha256=weights_sha)
     max_pos = _max_positions(model)
     if max_pos:
         seq_len = min(seq_len, max_pos)
@@ -211,6 +211,9 @@ def scan(
             ids, source = prepare_tokens(source_tokenizer, data, tokens, seq_len, split)
             batches, eager = make_batches(ids, batch_size, want_eager)
             n_tokens = int(ids.numel())
+    if lens_tokens is None:  # ~1/32 of the positions: the lens then costs about one output-head pass
+        lens_tokens = min(max(64, n_tokens // 32), 1024)
+    opts["lens_tokens"] = lens_tokens
     runner = BlockRunner(parts, batches, eager_batches=eager) if needs_data else None
     ctx = ScanContext(parts=parts, runner=runner, num_layers=L, num_heads=parts.num_heads,
                       n_tokens=n_tokens, seed=seed, options=opts)

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
         batch_size: int = typer.Option(4, "--batch-size", help="Sequences per batch."),
         attn_seqs: int = typer.Option(2, "--attn-seqs", help="Sequences run with eager attention for per-head statistics."),
-        lens_tokens: int = typer.Option(256, "--lens-tokens", help="Token positions sampled for the logit lens."),
+        lens_tokens: Optional[int] = typer.Option(None, "--lens-tokens", help="Token positions sampled for the logit lens (default: 1/32 of the tokens, 64..1024)."),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(Path("layerscope-out"), "--out", "-o", help="Output directory."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the model repository."),
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from ..models import resolve
         from ..scan import resolve_metrics, scan
 
-        if tokens < 1 or seq_len < 2 or batch_size < 1 or attn_seqs < 0 or lens_tokens < 1:
+        if tokens < 1 or seq_len < 2 or batch_size < 1 or attn_seqs < 0 or (lens_tokens is not None and lens_tokens < 1):
             raise LayerscopeError("--tokens, --seq-len, --batch-size and --lens-tokens must be positive")
         names = resolve_metrics(metrics)
         _, model_dir = resolve(model)
