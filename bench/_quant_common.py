@@ -23,10 +23,13 @@ def scores_path(tokens: int, bits, group: int, method: str) -> Path:
 def load_scores(lm, tokens: int, bits, group: int, method: str):
     """quant_sensitivity at `bits` + the cheap default metrics, measured once and cached on disk."""
     from layerscope.assets import is_ready
-    from layerscope.quant.sensitivity import measure_scores
     from layerscope.scoretable import ScoreTable
 
     p = scores_path(tokens, bits, group, method)
+    lock = p.with_suffix(".measuring")
+    while not p.is_file() and lock.is_file():  # another bench process is measuring the same table
+        log(f"waiting for {p.name} (being measured by another process)")
+        time.sleep(60)
     if p.is_file():
         t = ScoreTable.from_json(p)
         if t.provenance.weights_sha256 == lm.weights_sha256:
@@ -35,13 +38,24 @@ def load_scores(lm, tokens: int, bits, group: int, method: str):
     assert is_ready("smollm2")
     log(f"measuring quant_sensitivity at {list(bits)} bits g{group} ({method}) + cheap metrics on {tokens} tokens")
     t0 = time.perf_counter()
+    OUT.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    try:
+        table = _measure(lm, tokens, bits, group, method)
+    finally:
+        lock.unlink(missing_ok=True)
+    log(f"measured in {time.perf_counter() - t0:.0f} s")
+    table.to_json(p)
+    return table
+
+
+def _measure(lm, tokens: int, bits, group: int, method: str):
+    from layerscope.quant.sensitivity import measure_scores
+
     table = measure_scores(lm.model, lm.tokenizer, bits=bits, group_size=group, method=method, tokens=tokens,
                            extra_metrics=CHEAP_METRICS)
     table.provenance.model_id = lm.model_id
     table.provenance.weights_sha256 = lm.weights_sha256
-    log(f"measured in {time.perf_counter() - t0:.0f} s")
-    OUT.mkdir(parents=True, exist_ok=True)
-    table.to_json(p)
     return table
 
 

@@ -58,10 +58,39 @@ def main() -> None:
 
     parts = find_parts(lm.model)
     L = parts.num_layers
+    layers = al.model_layers(parts)
+    options = al.parse_options([2, 3, 4, 8], [64, 128])
+    common = dict(num_layers=L, blocks_path=parts.blocks_path)
+    proto = PerplexityProtocol(max_tokens=eval_tokens)
+    ev = Evaluator(lm.model, lm.tokenizer, proto)
+    log(f"evaluation: {proto.describe()}")
+    base = ev.perplexity(None)
+    log(f"unquantized (dequantized Q4_1, fp32): perplexity {base:.4f}")
+
+    evaluated: dict[tuple[float, str], dict] = {}
+
+    def run(budget: float, name: str, p) -> None:
+        t = time.perf_counter()
+        ppl = ev.perplexity(p.assignment())
+        evaluated[(budget, name)] = {"budget": budget, "name": name, "bpw": p.achieved_bpw, "perplexity": ppl,
+                                     "blocks": p.block_labels(), "objective": p.objective}
+        log(f"budget {budget:g}: {name:<42s} {p.achieved_bpw:.4f} bpw  ppl {ppl:9.4f}  "
+            f"({time.perf_counter() - t:.0f} s)  {' '.join(p.block_labels())}")
+
+    order: dict[float, list[str]] = {b: [] for b in budgets}
+    # plans that need no scores first (the score table may still be being measured)
+    for budget in budgets:
+        for p in al.uniform_for_budget(layers, options, budget, **common):
+            tag = "uniform " + Scheme(p.entries[0].bits, p.entries[0].group_size).label
+            name = tag + (" (over budget)" if p.achieved_bpw > budget + 1e-12 else "")
+            order[budget].append(name)
+            run(budget, name, p)
+        order[budget].append("llama.cpp rule")
+        run(budget, "llama.cpp rule", al.llamacpp_plan(layers, options, budget, **common))
+
     table = load_scores(lm, calib_tokens, (2, 3, 4), 64, "rtn")
     kl = kl_from_details(table.column("quant_sensitivity").details)
     qs3 = table.values("quant_sensitivity")
-
     # best cheap metric: rank agreement with the measured sensitivity (both oriented: high = important)
     cheap = {}
     for name, col in table.columns.items():
@@ -75,42 +104,24 @@ def main() -> None:
     log("Spearman(metric importance, quant_sensitivity@3b): "
         + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(cheap.items(), key=lambda kv: -kv[1])))
     log(f"best cheap metric: {best}")
-
-    layers = al.model_layers(parts)
-    options = al.parse_options([2, 3, 4, 8], [64, 128])
     weights = {l.name: lm.model.get_submodule(l.name).weight.data for l in layers}
     mse = al.relative_mse_table(layers, options, weights)
-    common = dict(num_layers=L, blocks_path=parts.blocks_path)
-    proto = PerplexityProtocol(max_tokens=eval_tokens)
-    ev = Evaluator(lm.model, lm.tokenizer, proto)
-    log(f"evaluation: {proto.describe()}")
-    base = ev.perplexity(None)
-    log(f"unquantized (dequantized Q4_1, fp32): perplexity {base:.4f}")
-
-    rows = []
+    col = table.column(best)
+    imp = al.orient(table.values(best), col.direction)
     for budget in budgets:
-        plans = []
         exact = al.allocate(layers, options, budget, lambda u: al.errors_from_kl(kl, layers, u, options, mse),
                             by="quant_sensitivity", **common)
-        plans.append(("exact MILP by quant_sensitivity", exact))
-        col = table.column(best)
-        imp = al.orient(table.values(best), col.direction)
-        plans.append((f"exact MILP by {best}",
-                      al.allocate(layers, options, budget,
-                                  lambda u: al.errors_from_importance(imp, layers, u, mse), by=best, **common)))
-        for p in al.uniform_for_budget(layers, options, budget, **common):
-            tag = "uniform " + Scheme(p.entries[0].bits, p.entries[0].group_size).label
-            plans.append((tag + (" (over budget)" if p.achieved_bpw > budget + 1e-12 else ""), p))
-        plans.append(("llama.cpp rule", al.llamacpp_plan(layers, options, budget, **common)))
+        cheap_plan = al.allocate(layers, options, budget, lambda u: al.errors_from_importance(imp, layers, u, mse),
+                                 by=best, **common)
+        names = ["exact MILP by quant_sensitivity", f"exact MILP by {best}"]
+        order[budget] = names + order[budget]
+        run(budget, names[0], exact)
+        run(budget, names[1], cheap_plan)
         for r in al.random_plans(exact, layers, seeds):
-            plans.append((f"random placement (seed {r.by.split()[-1]})", r))
-        for name, p in plans:
-            t = time.perf_counter()
-            ppl = ev.perplexity(p.assignment())
-            rows.append({"budget": budget, "name": name, "bpw": p.achieved_bpw, "perplexity": ppl,
-                         "blocks": p.block_labels(), "objective": p.objective})
-            log(f"budget {budget:g}: {name:<42s} {p.achieved_bpw:.4f} bpw  ppl {ppl:9.4f}  "
-                f"({time.perf_counter() - t:.0f} s)  {' '.join(p.block_labels())}")
+            name = f"random placement (seed {r.by.split()[-1]})"
+            order[budget].append(name)
+            run(budget, name, r)
+    rows = [evaluated[(b, n)] for b in budgets for n in order[b]]
 
     # ------------------------------------------------------------------ printed summary
     print()

@@ -51,8 +51,16 @@ def main() -> None:
 
     wait_for_assets()
     lm = load_model(None)
+    from layerscope.adapter import find_parts
+
+    L = find_parts(lm.model).num_layers
+    proto = PerplexityProtocol(max_tokens=eval_tokens)
+    ev = Evaluator(lm.model, lm.tokenizer, proto)
+    # random orderings first: they need no scores (the score table may still be being measured)
+    rnd = random_orderings(L, seeds)
+    log(f"sweep {high.label} -> {low.label}, {len(rnd)} random orderings, {proto.describe()}")
+    res_r = run_sweep(ev, rnd, high, low, early_stop=not full, model_id=lm.model_id, log=log)
     table = load_scores(lm, calib_tokens, (2, 3, 4), 64, "rtn")
-    L = table.num_layers
     orderings = {}
     for n in names:
         if n == "quant_sensitivity" and lb in (2, 3, 4) and lg == 64:
@@ -62,11 +70,12 @@ def main() -> None:
             orderings[f"quant_sensitivity@{lb}b"] = sorted(range(L), key=lambda i: (kl[i], i))
         else:
             orderings[n] = table.ranking(n)
-    orderings.update(random_orderings(L, seeds))
-    proto = PerplexityProtocol(max_tokens=eval_tokens)
-    ev = Evaluator(lm.model, lm.tokenizer, proto)
-    log(f"sweep {high.label} -> {low.label}, {len(orderings)} orderings, {proto.describe()}")
+    log(f"sweep {high.label} -> {low.label}, {len(orderings)} metric orderings")
     res = run_sweep(ev, orderings, high, low, early_stop=not full, model_id=lm.model_id, log=log)
+    res.rows += res_r.rows  # (the unquantized and all-high evaluations are shared: memoised)
+    res.tolerated_share.update(res_r.tolerated_share)
+    res.orderings.update(res_r.orderings)
+    res.wall_time_s = (res.wall_time_s or 0) + (res_r.wall_time_s or 0)
     res.notes.append(PRE_ROUNDED_NOTE)
 
     print()

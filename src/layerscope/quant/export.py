@@ -207,8 +207,8 @@ def validate_llmcompressor(cfg: dict[str, Any], plan: QuantPlan, model=None, rec
     try:
         from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
         from compressed_tensors.utils.match import is_match
-    except ImportError:  # pragma: no cover
-        raise LayerscopeError("compressed-tensors is not installed: `pip install --no-deps compressed-tensors loguru`") from None
+    except ImportError:  # `pip install --no-deps compressed-tensors loguru` brings the real parser
+        return _schema_llmcompressor(cfg, plan)
     try:
         qc = QuantizationConfig.model_validate(cfg)
     except Exception as exc:
@@ -240,6 +240,30 @@ def validate_llmcompressor(cfg: dict[str, Any], plan: QuantPlan, model=None, rec
             if n and n not in planned and any(is_match(n, m, s.targets, qc.ignore or []) for s in qc.config_groups.values()):
                 raise LayerscopeError(f"llm-compressor export also targets {n}, which the plan does not cover")
     return "compressed_tensors.QuantizationConfig.model_validate + compressed_tensors.utils.match.is_match"
+
+
+def _schema_llmcompressor(cfg: dict[str, Any], plan: QuantPlan) -> str:
+    """Fallback when compressed-tensors is missing: its documented rules ('re:' = re.match, else the
+    exact name; ignore wins), each planned layer in exactly one group with its bits and group size."""
+    def hit(name: str, target: str) -> bool:
+        return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
+
+    if cfg.get("quant_method") != "compressed-tensors" or not isinstance(cfg.get("config_groups"), dict):
+        raise LayerscopeError("llm-compressor export: not a compressed-tensors quantization config")
+    ignore = cfg.get("ignore") or []
+    for e in plan.entries:
+        groups = [g for g in cfg["config_groups"].values()
+                  if any(hit(e.name, t) for t in g["targets"]) and not any(hit(e.name, t) for t in ignore)]
+        if e.bits == UNQUANTIZED:
+            if groups:
+                raise LayerscopeError(f"llm-compressor export quantizes {e.name}, planned unquantized")
+            continue
+        if len(groups) != 1:
+            raise LayerscopeError(f"llm-compressor export: {e.name} matches {len(groups)} config groups")
+        w = groups[0]["weights"]
+        if (w["num_bits"], w["group_size"]) != (e.bits, e.group_size):
+            raise LayerscopeError(f"llm-compressor export gives {e.name} {w['num_bits']}b/g{w['group_size']}")
+    return "schema check (compressed-tensors not installed: 're:' targets, ignore, one group per layer)"
 
 
 # --------------------------------------------------------------------------- HQQ
