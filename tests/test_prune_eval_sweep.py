@@ -448,7 +448,7 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
     from layerscope.models import load_model
 
     loaded = load_model(None)
-    proto = PerplexityProtocol(max_tokens=1024, context_length=256)
+    proto = PerplexityProtocol(max_tokens=1024, context_length=256, stride=256)
     remove = [10, 20]
     with P.blocks_removed(loaded.model, remove):
         mem = perplexity(loaded.model, loaded.tokenizer, proto).perplexity
@@ -475,3 +475,19 @@ def test_sweep_uses_ground_truth_greedy_order_when_present():
     assert parse_range("0..3", 6, "block") == [0, 1, 2, 3] and parse_range("2", 6, "block") == [0, 1, 2]
     with pytest.raises(LayerscopeError):
         parse_range("0..6", 6, "block")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_ready("minilm") and __import__("layerscope.assets").assets.is_ready("sentiment")),
+                    reason="MiniLM / sentiment assets not prepared")
+def test_minilm_block_pruned_embedding_fidelity(tmp_path):
+    from layerscope.evaluation import EmbeddingProtocol, embedding_fidelity
+    from layerscope.models import load_model
+
+    out = tmp_path / "minilm"
+    P.prune("minilm", units=[2], out=out)
+    ref = load_model("minilm")
+    pruned = load_plain(out)
+    assert pruned.config.num_hidden_layers == 5 and (out / "modules.json").is_file()
+    fid = embedding_fidelity(pruned, ref.model, ref.tokenizer, EmbeddingProtocol(sentences=64))
+    assert 0.5 < fid.mean_cosine < 1 and fid.recall_at_1 > 0.9
