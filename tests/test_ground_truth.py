@@ -121,9 +121,13 @@ def test_ablation_metric_columns_and_greedy():
     assert g["order"][0] == int(np.argmin(kl)) and len(g["order"]) == 2 and len(set(g["order"])) == 2
     assert g["curve"][0]["kl"] == pytest.approx(kl.min(), rel=1e-6)
     assert t.columns["ablation_kl"].details["data"].startswith("the scan's calibration batches")
-    # held-out text needs a tokenizer: a clear error, not a silent fallback
+    # held-out text needs a tokenizer: asked for explicitly, a clear error; by default the calibration
+    # batches, and the details say so
     with pytest.raises(LayerscopeError, match="tokenizer"):
-        scan(model, ids, "ablation", batch_size=2)
+        scan(model, ids, "ablation", batch_size=2, options={"ablation_data": "evaluation"})
+    t2 = scan(model, ids, "ablation", batch_size=2)
+    assert t2.columns["ablation_kl"].details["data"].endswith("(no tokenizer for held-out text)")
+    np.testing.assert_allclose(t2.values("ablation_kl"), kl, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- gradients

@@ -78,12 +78,14 @@ def print_agreement(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     primary = res["primary_truth"]
     for unit, cands in res.get("recommendation", {}).items():
         t = Table(title=f"{unit}: agreement with {primary} (best first)")
         for h in ("#", "metric", "kind", "Spearman", "Kendall", "top-5", "bootstrap ρ", "corpus ρ", "verdict"):
-            t.add_column(h)
+            t.add_column(h, no_wrap=h in ("metric", "verdict"))
         for c in cands:
             t.add_row(str(c["rank"]), c["column"], c["kind"], _fmt(c["spearman"]), _fmt(c["kendall"]),
                       _fmt(c["top5_overlap"]), _fmt(c["stability"]), _fmt(c["cross_corpus_spearman"]), c["verdict"])

@@ -9,11 +9,13 @@ For every unit u the model is run without u and compared with the full model on 
 
 Scored positions: every position of every window that has a next token (T-1 per window of T).
 
-Data (option ``ablation_data``): ``"evaluation"`` (default) -- held-out tokens, the evaluation split
-of ``ablation_dataset`` (default Wikipedia), ``ablation_tokens`` tokens (default 2048) in windows of
+Data (option ``ablation_data``): ``"evaluation"`` -- held-out tokens, the evaluation split of
+``ablation_dataset`` (default Wikipedia), ``ablation_tokens`` tokens (default 2048) in windows of
 ``ablation_seq_len`` (default: the scan's sequence length); this needs the model's tokenizer
 (option ``tokenizer``, else loaded from the model's directory). ``"calibration"`` -- the scan's own
-calibration batches. ``ablation_ids`` (an int tensor [N, T]) overrides both.
+calibration batches. ``ablation_ids`` (an int tensor [N, T]) overrides both. Unset (the default):
+"evaluation" when a tokenizer is available, else "calibration" (e.g. an in-memory model scanned on
+token ids). The data actually used is recorded in every column's details["data"].
 
 Prefix reuse. Removing block i leaves blocks 0..i-1 unchanged, so the input of every block is cached
 once (one full pass) and "skip block i" starts from block i's cached input and runs blocks
@@ -347,7 +349,11 @@ def ablation_runner(ctx) -> tuple[Any, str]:
 
     opts = ctx.options
     parts = ctx.parts
-    which = str(opts.get("ablation_data", "evaluation"))
+    which = opts.get("ablation_data")
+    tok = _tokenizer_for(parts, opts) if which in (None, "evaluation") and opts.get("ablation_ids") is None else None
+    if which is None:
+        which = "evaluation" if tok is not None or ctx.runner is None else "calibration"
+    which = str(which)
     batch_size = int(opts.get("ablation_batch_size", DEFAULT_BATCH))
     ids = opts.get("ablation_ids")
     if ids is not None:
@@ -357,9 +363,9 @@ def ablation_runner(ctx) -> tuple[Any, str]:
     elif which == "calibration":
         if ctx.runner is None:
             raise LayerscopeError("ablation on calibration data needs the scan's calibration batches")
-        return ctx.runner, f"the scan's calibration batches ({ctx.n_tokens} tokens)"
+        why = "" if opts.get("ablation_data") else " (no tokenizer for held-out text)"
+        return ctx.runner, f"the scan's calibration batches ({ctx.n_tokens} tokens){why}"
     elif which == "evaluation":
-        tok = _tokenizer_for(parts, opts)
         if tok is None:
             raise LayerscopeError(
                 "ablation on held-out text needs the model's tokenizer: pass options={'tokenizer': ...}, "
