@@ -87,10 +87,11 @@ def texts(n=40, seed=3, lo=20, hi=40):
 
 @pytest.mark.parametrize("which", ["llama", "bert"])
 def test_probe_separable_and_control(which, tok, request):
-    import layerscope.probe as P
+    from layerscope import probe as P_probe
+    from layerscope.probe import render_probe_section
 
     model = request.getfixturevalue(which)
-    res = P.probe(_subject(model, tok), separable(), n=160, Cs=(0.1, 1.0), poolings=("mean", "last"), seed=0)
+    res = P_probe(_subject(model, tok), separable(), n=160, Cs=(0.1, 1.0), poolings=("mean", "last"), seed=0)
     c = res.concepts["label"]
     L = model.config.num_hidden_layers
     mean = c.poolings["mean"]
@@ -101,15 +102,14 @@ def test_probe_separable_and_control(which, tok, request):
     assert all(lo <= a <= hi for a, lo, hi in zip(mean.accuracy, mean.ci_low, mean.ci_high))
     d = json.loads(res.to_json())
     assert d["concepts"]["label"]["poolings"]["last"]["accuracy"]
-    html = P.render_probe_section(d)
+    html = render_probe_section(d)
     assert "Concept depth" in html and "<svg" in html
 
 
-def test_probe_callable_module_and_api(tok, llama):
+def test_python_api(tok, llama):
     import layerscope
-    import layerscope.probe as P
 
-    assert callable(P)
+    assert all(callable(getattr(layerscope, n)) for n in ("probe", "lens", "steer"))
     res = layerscope.probe(_subject(llama, tok), separable(64), n=64, Cs=(1.0,), control=False,
                            poolings=("mean",))
     assert res.concepts["label"].poolings["mean"].control is None
@@ -284,17 +284,17 @@ def test_steering_hook_changes_only_from_layer(tok, llama):
 
 
 def test_steer_api_tiny(tok, llama):
-    import layerscope.steer as S
+    from layerscope.steer import render_steer_section, steer
 
     rows = [(t, "positive" if lab == "x" else "negative") for t, lab in separable(64)]
-    res = S.steer(_subject(llama, tok), layer=2, alpha=1.0, data=rows, n=64, seeds=3, compare="every:2")
+    res = steer(_subject(llama, tok), layer=2, alpha=1.0, data=rows, n=64, seeds=3, compare="every:2")
     assert res.layer == 2 and set(res.layers) == {0, 2, 3}
     assert len(res.random["per_seed"]) == 3
     assert all(r["vector_norm"] == pytest.approx(res.vector_norm, rel=1e-5) for r in res.random["per_seed"])
     d = json.loads(res.to_json())
     assert d["chosen"]["mean"] == pytest.approx(res.chosen["mean"])
-    assert "<svg" in S.render_steer_section(d)
-    auto = S.steer(_subject(llama, tok), data=rows, n=64, seeds=2, compare=[1], generate_tokens=3)
+    assert "<svg" in render_steer_section(d)
+    auto = steer(_subject(llama, tok), data=rows, n=64, seeds=2, compare=[1], generate_tokens=3)
     assert 0 <= auto.layer <= 3 and auto.probe is not None
     assert set(auto.generation["conditions"]) >= {"unsteered", f"+alpha@{auto.layer}"}
 
@@ -303,29 +303,29 @@ def test_steer_api_tiny(tok, llama):
 
 
 def test_bad_inputs(tok, llama, bert, tmp_path):
-    import layerscope.probe as P
     from layerscope.lenses import lens
+    from layerscope.probe import probe
     from layerscope.neurons import decode_neurons
     from layerscope.steer import steer
 
     s = _subject(llama, tok)
     with pytest.raises(LayerscopeError, match="only one class"):
-        P.probe(s, [(t, "x") for t, _ in separable(40)])
+        probe(s, [(t, "x") for t, _ in separable(40)])
     csv = tmp_path / "d.csv"
     csv.write_text("text,sentiment\nthe movie,pos\n", encoding="utf-8")
     with pytest.raises(LayerscopeError, match="no column 'label'"):
-        P.probe(s, csv)
+        probe(s, csv)
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"text": "a movie"}) + "\n", encoding="utf-8")
     with pytest.raises(LayerscopeError, match="no 'label' field"):
-        P.probe(s, jl)
+        probe(s, jl)
     with pytest.raises(LayerscopeError, match="only 2 examples"):
-        P.probe(s, separable(40) + [("alpha beta", "z"), ("beta", "z")])
+        probe(s, separable(40) + [("alpha beta", "z"), ("beta", "z")])
     long = [(" ".join(["movie"] * 100), lab) for _, lab in separable(20)]
     with pytest.raises(LayerscopeError, match="longer than the limit"):
-        P.probe(s, long, on_long="error")
+        probe(s, long, on_long="error")
     with pytest.warns(UserWarning, match="truncated"):
-        res = P.probe(s, long, Cs=(1.0,), control=False, poolings=("mean",))
+        res = probe(s, long, Cs=(1.0,), control=False, poolings=("mean",))
     assert res.options["max_length"] == 64 and "truncated" in res.notes[0]
     with pytest.raises(LayerscopeError, match="out of range"):
         steer(s, layer=4, data=separable(20))
@@ -395,9 +395,9 @@ def _ready(*names):
 @pytest.mark.slow
 @pytest.mark.skipif(not _ready("minilm", "sentiment"), reason="needs `layerscope assets fetch`")
 def test_real_minilm_probe_small():
-    import layerscope.probe as P
+    from layerscope.probe import probe
 
-    res = P.probe("minilm", concepts="sentiment", n=200, poolings=("mean",), Cs=(0.1,))
+    res = probe("minilm", concepts="sentiment", n=200, poolings=("mean",), Cs=(0.1,))
     acc = res.concepts["sentiment"].poolings["mean"].accuracy
     assert len(acc) == 7 and max(acc) > 0.7
 

@@ -77,15 +77,57 @@ class LensHead:
     def logits_fast(self, h: torch.Tensor) -> torch.Tensor:
         """Training-time logits: the same map, with the vocabulary product in bfloat16."""
         x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
-        if self._w16 is None:
-            self._w16 = self.parts.head.weight.detach().to(torch.bfloat16)
-        out = (x.to(torch.bfloat16) @ self._w16.T).float()
+        out = (x.to(torch.bfloat16) @ self.w16.T).float()
         bias = getattr(self.parts.head, "bias", None)
         if bias is not None:
             out = out + bias.detach().float()
         if self.cap:
             out = torch.tanh(out / self.cap) * self.cap
         return out
+
+    @property
+    def w16(self) -> torch.Tensor:
+        if self._w16 is None:
+            self._w16 = self.parts.head.weight.detach().to(torch.bfloat16)
+        return self._w16
+
+    def kl_to(self, h: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+        """KL(target || lens(h)) per row, differentiable in h. h: [G, B, d]; target_logp: [B, V].
+
+        Uses a fused forward/backward (gradient softmax - p straight from the saved logits) when the
+        head is a plain linear map, else autograd through log_softmax.
+        """
+        G, B, d = h.shape
+        x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
+        if self.cap or getattr(self.parts.head, "bias", None) is not None:
+            logq = F.log_softmax(self.logits_fast(h.reshape(G * B, d)), dim=-1).view(G, B, -1)
+            return (target_logp.exp()[None] * (target_logp[None] - logq)).sum(-1)
+        return _FusedKL.apply(x, self.w16, target_logp)
+
+
+class _FusedKL(torch.autograd.Function):
+    """KL(p || softmax(x W^T)) for x [G, B, d], p given as log-probs [B, V]; returns [G, B]."""
+
+    @staticmethod
+    def forward(ctx, x, w16, target_logp):
+        G, B, d = x.shape
+        z = (x.reshape(G * B, d).to(torch.bfloat16) @ w16.T).float().view(G, B, -1)
+        lse = torch.logsumexp(z, -1)  # [G, B]
+        p = target_logp.exp()
+        neg_entropy = (p * target_logp).sum(-1)  # [B]
+        cross = torch.einsum("gbv,bv->gb", z, p)
+        ctx.save_for_backward(z, lse, p, w16)
+        ctx.in_dtype = x.dtype
+        return neg_entropy[None] - cross + lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse, p, w16 = ctx.saved_tensors
+        G, B, V = z.shape
+        q = z.sub_(lse[..., None]).exp_()  # softmax, in place of the saved logits
+        q.sub_(p[None]).mul_(grad[..., None])
+        gx = (q.view(G * B, V).to(torch.bfloat16) @ w16).to(ctx.in_dtype).view(G, B, -1)
+        return gx, None, None
 
 
 # =========================================================================== translators
@@ -353,12 +395,10 @@ def train_translators(head: LensHead, states: torch.Tensor, *, steps: int, lr: f
         idx = torch.randint(0, n, (batch_tokens,), generator=g)
         with torch.no_grad():
             target = F.log_softmax(head.logits_fast(states[L, idx]), dim=-1)
-            p = target.exp()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         h = translators.translate_all(states[:L, idx])  # [L, B, d]
-        logq = F.log_softmax(head.logits_fast(h.reshape(L * batch_tokens, d)), dim=-1).view(L, batch_tokens, -1)
-        kl = (p[None] * (target[None] - logq)).sum(-1).mean(-1)  # [L]
+        kl = head.kl_to(h, target).mean(-1)  # [L]
         loss = kl.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -32,7 +32,6 @@ import json
 import math
 import sys
 import time
-import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -266,6 +265,37 @@ def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 
 
 # =========================================================================== features
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision: str, model: nn.Module) -> str:
+    """'float32' or 'bfloat16' (autocast). 'auto' picks bfloat16 where the hardware computes it natively
+    (CUDA, or a CPU with AVX512-BF16/AMX: about 3x faster there, features within cosine 0.9997 of fp32)."""
+    if precision not in PRECISIONS:
+        raise LayerscopeError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return precision
+    p = next(model.parameters(), None)
+    if p is None or p.dtype != torch.float32:
+        return "float32"
+    if p.device.type == "cuda":
+        return "bfloat16"
+    try:
+        native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001 - private helpers may move
+        native = False
+    return "bfloat16" if native and p.device.type == "cpu" else "float32"
+
+
+@contextmanager
+def _autocast(precision: str, model: nn.Module) -> Iterator[None]:
+    if precision == "bfloat16":
+        dev = next(model.parameters()).device.type
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
 
 @dataclass
 class LayerFeatures:
@@ -277,13 +307,18 @@ class LayerFeatures:
     n_truncated: int
     max_length: int
     wall_time_s: float
+    precision: str = "float32"
 
 
 @torch.no_grad()
 def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequence[str] = POOLINGS,
                      batch_size: int = 32, max_length: int | None = None, on_long: str = "truncate",
+                     precision: str = "float32",
                      progress: Callable[[int, int], None] | None = None) -> LayerFeatures:
-    """Mean-over-real-tokens and last-real-token residual states of every layer, one forward pass per batch."""
+    """Mean-over-real-tokens and last-real-token residual states of every layer, one forward pass per batch.
+
+    precision: 'float32', 'bfloat16' (autocast; pooling is always done in float32) or 'auto'.
+    """
     for p in poolings:
         if p not in POOLINGS:
             raise LayerscopeError(f"unknown pooling '{p}' (use {', '.join(POOLINGS)})")
@@ -292,6 +327,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
     t0 = time.perf_counter()
     parts = subject.parts
     L = parts.num_layers
+    precision = resolve_precision(precision, subject.model)
     enc = encode_texts(subject, texts, max_length=max_length, on_long=on_long)
     lengths = [len(s) for s in enc.ids]
     d = None
@@ -325,7 +361,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
             norm_sum[layer] += float((norms * norm_mask).sum())
             norm_cnt[layer] += float(norm_mask.sum())
 
-        with tap_layers(parts, grab):
+        with tap_layers(parts, grab), _autocast(precision, subject.model):
             run_base(parts, ids, mask)
         if progress:
             progress(bi + 1, len(batches))
@@ -336,7 +372,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
             raise NumericalError("non-finite hidden states (NaN/Inf) while collecting probe features")
     return LayerFeatures(pooled=pooled, token_norm=norm_sum / np.maximum(norm_cnt, 1), n_tokens=int(sum(lengths)),
                          n_truncated=enc.n_truncated, max_length=enc.max_length,
-                         wall_time_s=time.perf_counter() - t0)
+                         wall_time_s=time.perf_counter() - t0, precision=precision)
 
 
 # =========================================================================== data
@@ -876,6 +912,7 @@ def probe(
     batch_size: int = 32,
     max_length: int | None = None,
     on_long: str = "truncate",
+    precision: str = "auto",
     cka: bool = False,
     cka_data: Any = "wikipedia",
     cka_tokens: int = 2048,
@@ -923,7 +960,8 @@ def probe(
     if datasets:
         texts = datasets[0].texts
         feats = collect_features(subject, texts, poolings=poolings, batch_size=batch_size, max_length=max_length,
-                                 on_long=on_long, progress=_progress_printer(progress, "features"))
+                                 on_long=on_long, precision=precision,
+                                 progress=_progress_printer(progress, "features"))
         timings["features"] = feats.wall_time_s
         if feats.n_truncated:
             notes.append(f"{feats.n_truncated} texts longer than {feats.max_length} tokens were truncated")
@@ -957,6 +995,7 @@ def probe(
                  "Cs": list(Cs), "cv": cv, "control": "shuffled training labels" if control else None,
                  "batch_size": batch_size, "max_length": feats.max_length if feats else max_length,
                  "on_long": on_long, "seed": seed, "n_tokens": feats.n_tokens if feats else 0,
+                 "precision": feats.precision if feats else None, "torch_threads": torch.get_num_threads(),
                  "cka_tokens": cka_tokens if cka else None},
         timings=timings, notes=notes + list(subject.parts.notes),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1082,41 +1121,72 @@ def standalone_page(title: str, sections: list[tuple[str, str]]) -> str:
             f"<h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
 
+def summary_columns(extras: dict[str, Any]) -> list[dict]:
+    """Descriptive per-block columns (value at each block's output) for a ScoreTable built from `extras`."""
+    cols: list[dict] = []
+
+    def add(name: str, values: list, definition: str, reference: str, **details: Any) -> None:
+        cols.append({"name": name, "metric": name, "unit": "block", "direction": None, "definition": definition,
+                     "reference": reference, "values": list(values), "details": details})
+
+    pr = extras.get("probe") or {}
+    for cname, c in (pr.get("concepts") or {}).items():
+        pool = c.get("primary_pooling", "mean")
+        r = c["poolings"].get(pool)
+        if r:
+            add(f"probe_{cname}", r["accuracy"][1:],
+                f"held-out accuracy of a linear probe for '{cname}' on the block's output ({pool} pooling)",
+                "Alain & Bengio 2016; Belinkov 2022 (probing classifiers)", embeddings=r["accuracy"][0],
+                depth=r.get("depth"))
+    ln = extras.get("lens") or {}
+    if ln.get("logit_kl"):
+        add("heldout_logit_lens_kl", ln["logit_kl"][1:], "KL(final || logit lens at the block's output), nats, "
+            "held-out tokens", "nostalgebraist 2020", embeddings=ln["logit_kl"][0])
+        add("tuned_lens_kl", ln["tuned_kl"][1:], "KL(final || tuned lens at the block's output), nats, held-out "
+            "tokens", "Belrose et al. 2023", embeddings=ln["tuned_kl"][0])
+    st = extras.get("steer") or {}
+    if st.get("layers") and st.get("num_layers"):
+        vals = [None] * int(st["num_layers"])
+        for k, v in st["layers"].items():
+            if int(k) >= 1:
+                vals[int(k) - 1] = v["mean"]
+        add("steer_margin_shift", vals, "shift of log P(positive words) - log P(negative words) when the sentiment "
+            "direction is added at the block's output (alpha x residual norm)", "Turner et al. 2023 (activation "
+            "addition)", embeddings=(st["layers"].get("0") or {}).get("mean"))
+    return cols
+
+
 def render_html(title: str, extras: dict[str, Any], sections: list[tuple[str, str, Callable[[dict], str | None]]],
-                provenance: dict[str, Any]) -> str:
+                provenance: dict[str, Any], source: str | None = None) -> str:
     """Render via the report registry when it exists, else a standalone page with our own renderers."""
+    extras = _jsonable({k: v for k, v in extras.items() if v})
     try:
         from .report import render_report  # type: ignore[attr-defined]
-        from .scoretable import Provenance, ScoreTable
+        from .scoretable import Provenance, ScoreColumn, ScoreTable
         from . import __version__
 
         for mod in ("probe", "similarity", "lenses", "neurons", "steer"):
             __import__(f"layerscope.{mod}")
+        opts = {k: v for k, v in dict(provenance.get("options") or {}).items() if not isinstance(v, (dict, list))}
         prov = Provenance(model_id=provenance.get("model_id", ""), model_family=provenance.get("model_family", ""),
                           weights_sha256=provenance.get("weights_sha256"), num_layers=provenance.get("num_layers", 0),
-                          layerscope_version=__version__, seed=int(provenance.get("seed", 0) or 0),
-                          created=provenance.get("created", ""), options=dict(provenance.get("options") or {}))
-        table = ScoreTable(provenance=prov, extras=_jsonable(extras))
-        return render_report(table, title=title)
+                          layerscope_version=__version__, seed=int(opts.get("seed", 0) or 0),
+                          calibration_source=source, created=provenance.get("created", ""), options=opts,
+                          torch_version=torch.__version__, notes=list(provenance.get("notes") or []))
+        table = ScoreTable(provenance=prov, extras=extras)
+        for c in summary_columns(extras):
+            table.add(ScoreColumn(**c))
     except ImportError:
-        pass
+        table = None
+    if table is not None:
+        return render_report(table, title=title)
     rendered = []
     for key, heading, fn in sections:
         if key in extras and extras[key]:
-            s = fn(_jsonable(extras[key]))
+            s = fn(extras[key])
             if s:
                 rendered.append((heading, s))
     return standalone_page(title, rendered)
 
 
 _register_sections()
-
-
-class _CallableModule(types.ModuleType):
-    """`layerscope.probe(...)` works whether `layerscope.probe` resolves to this module or the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ProbeResult:
-        return probe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -25,7 +25,6 @@ import json
 import math
 import sys
 import time
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +288,7 @@ def steer(
     negative_words: Sequence[str] = NEGATIVE_WORDS,
     generate_tokens: int = 0,
     batch_size: int = 32,
+    precision: str = "auto",
     tokenizer: Any = None,
     seed: int = 0,
     progress: bool = False,
@@ -341,7 +341,7 @@ def steer(
                              ["positive" if full.labels[keep[i]] == positive else "negative" for i in sub],
                              "sentiment", full.source)
     check_labels(data.labels, data.name)
-    feats = collect_features(subject, data.texts, poolings=("mean",), batch_size=batch_size,
+    feats = collect_features(subject, data.texts, poolings=("mean",), batch_size=batch_size, precision=precision,
                              progress=_progress_printer(progress, "features"))
     timings["features"] = feats.wall_time_s
     X = feats.pooled["mean"]
@@ -404,7 +404,7 @@ def steer(
         for name, vv in conds.items():
             texts = generate(subject, prompts, generate_tokens, layer, vv)
             f = collect_features(subject, [t if t.strip() else "." for t in texts], poolings=("mean",),
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, precision=feats.precision)
             p = probe_at.predict_proba(f.pooled["mean"][layer])[:, pos_col]
             generation["conditions"][name] = {"p_positive_mean": float(p.mean()),
                                               "p_positive_std": float(p.std(ddof=1)) if len(p) > 1 else 0.0,
@@ -419,7 +419,7 @@ def steer(
         negative_words=[w for w in negative_words if w not in neg_skip],
         baseline_margin=[round(float(x), 5) for x in base], chosen=chosen, chosen_negative=chosen_neg,
         layers=per_layer, random=random_summary, probe=probe_res, generation=generation,
-        options={"n": n, "seeds": seeds, "compare": compare_layers, "seed": seed, "generate_tokens": generate_tokens,
+        options={"n": n, "seeds": seeds, "feature_precision": feats.precision, "compare": compare_layers, "seed": seed, "generate_tokens": generate_tokens,
                  "margin": "log sum P(positive words) - log sum P(negative words), next token after the prompt",
                  "vector": "mean(positive) - mean(negative) of mean-pooled states, scaled to alpha x mean token norm"},
         timings=timings, notes=notes, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -480,13 +480,3 @@ def _register_sections() -> None:
 
 
 _register_sections()
-
-
-class _CallableModule(types.ModuleType):
-    """`layerscope.steer(...)` works whether `layerscope.steer` resolves to this module or the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SteerResult:
-        return steer(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

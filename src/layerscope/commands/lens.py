@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
         extras = {"lens": d.get("lens"), "neurons": d.get("neurons")}
         page = render_html(f"layerscope lens: {subject.model_id}", extras, [
             ("lens", "Logit lens vs tuned lens", render_lens_section),
-            ("neurons", "Neuron decoding", render_neuron_section)], d)
+            ("neurons", "Neuron decoding", render_neuron_section)], d,
+            source=(f"train {result.train_source}; evaluation {result.eval_source}" if result.train_source else None))
         out.mkdir(parents=True, exist_ok=True)
         result.to_json(out / "lens.json")
         write_text_atomic(out / "report.html", page)

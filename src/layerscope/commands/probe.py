@@ -9,7 +9,8 @@ import typer
 from ..errors import LayerscopeError
 
 
-def write_outputs(out: Path, json_name: str, result, extras: dict, title: str, model_dir: Path | None) -> dict[str, Path]:
+def write_outputs(out: Path, json_name: str, result, extras: dict, title: str, model_dir: Path | None,
+                  source: str | None = None) -> dict[str, Path]:
     """Write <json_name> and report.html into `out`, atomically as a whole."""
     from ..io import atomic_directory, is_inside
     from ..probe import render_html, render_probe_section
@@ -27,7 +28,7 @@ def write_outputs(out: Path, json_name: str, result, extras: dict, title: str, m
         ("lens", "Logit lens vs tuned lens", render_lens_section),
         ("neurons", "Neuron decoding", render_neuron_section),
         ("steer", "Steering at the depth that knows", render_steer_section),
-    ], d)
+    ], d, source=source)
     with atomic_directory(out, force=True) as tmp:
         result.to_json(tmp / json_name)
         (tmp / "report.html").write_text(page, encoding="utf-8")
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit per text (default min(context, 512))."),
         on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: truncate (with a warning) or error."),
         batch_size: int = typer.Option(32, "--batch-size"),
+        precision: str = typer.Option("auto", "--precision", help="Forward precision for features: auto (bfloat16 autocast where the CPU/GPU has native bf16), float32, bfloat16."),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(Path("layerscope-probe"), "--out", "-o", help="Output directory (probe.json, report.html)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
@@ -80,12 +82,16 @@ def register(app: typer.Typer) -> None:
                                text_field=text_field, label_field=label_field, n=n,
                                poolings=tuple(pooling or ("mean", "last")), depth_fraction=depth_fraction,
                                control=control, batch_size=batch_size, max_length=max_length, on_long=on_long,
+                               precision=precision,
                                cka=cka, cka_tokens=cka_tokens, seed=seed, progress=not quiet)
         d = result.to_dict()
         extras = {"probe": {k: v for k, v in d.items() if k != "similarity"} if result.concepts else None,
                   "layer_similarity": d.get("similarity")}
+        sources = sorted({c.source for c in result.concepts.values()})
+        if result.similarity is not None:
+            sources.append(f"CKA: {result.similarity.source}")
         paths = write_outputs(out, "probe.json", result, extras, f"layerscope probe: {subject.model_id}",
-                              subject.model_dir)
+                              subject.model_dir, source="; ".join(sources) or None)
         if not quiet:
             typer.echo(result.summary())
         typer.echo(f"wrote {paths['json']}, {paths['html']}")
