@@ -407,6 +407,7 @@ def save_png(res: dict[str, Any], path: Any) -> None:
     for c in res.get("curves", []):
         ax.plot(ks, c["perplexity"], marker=".", ls="--" if c["kind"] == "reverse" else "-", label=c["label"])
     ax.set_yscale("log")
+    ax.set_xticks(ks)
     ax.set_xlabel(f"{res.get('unit', 'block')}s removed")
     ax.set_ylabel("perplexity")
     p = res["protocol"]
