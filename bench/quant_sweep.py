@@ -16,7 +16,9 @@ fp32 model.
 
 Environment: LAYERSCOPE_BENCH_EVAL_TOKENS (16384), LAYERSCOPE_BENCH_CALIB_TOKENS (2048),
 LAYERSCOPE_BENCH_HIGH ("4,64"), LAYERSCOPE_BENCH_LOW ("3,64"), LAYERSCOPE_BENCH_SEEDS ("0,1,2"),
-LAYERSCOPE_BENCH_ORDERINGS (metric columns; default quant_sensitivity + 3 cheap metrics),
+LAYERSCOPE_BENCH_ORDERINGS (metric columns; default quant_sensitivity + 3 cheap metrics, among them
+zd_outlier_share, the one whose ranking agrees best with quant_sensitivity on SmolLM2),
+LAYERSCOPE_BENCH_GRID_STEPS (10: steps of 10 %; 30: one block at a time on SmolLM2),
 LAYERSCOPE_BENCH_FULL=1 to evaluate every grid point (no early stop).
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _quant_common import OUT, load_scores, log, wait_for_assets  # noqa: E402
 
-DEFAULT_ORDERINGS = "quant_sensitivity,block_influence,angular_distance,relative_contribution"
+DEFAULT_ORDERINGS = "quant_sensitivity,zd_outlier_share,block_influence,angular_distance_n1"
 
 
 def main() -> None:
@@ -47,6 +49,8 @@ def main() -> None:
     seeds = [int(x) for x in os.environ.get("LAYERSCOPE_BENCH_SEEDS", "0,1,2").split(",")]
     names = [x for x in os.environ.get("LAYERSCOPE_BENCH_ORDERINGS", DEFAULT_ORDERINGS).split(",") if x]
     full = os.environ.get("LAYERSCOPE_BENCH_FULL") == "1"
+    steps = int(os.environ.get("LAYERSCOPE_BENCH_GRID_STEPS", 10))  # 10: 0 %, 10 %, ...; 30: one block at a time
+    grid = [k / steps for k in range(steps + 1)]
     high, low = Scheme(hb, hg), Scheme(lb, lg)
 
     wait_for_assets()
@@ -59,7 +63,7 @@ def main() -> None:
     # random orderings first: they need no scores (the score table may still be being measured)
     rnd = random_orderings(L, seeds)
     log(f"sweep {high.label} -> {low.label}, {len(rnd)} random orderings, {proto.describe()}")
-    res_r = run_sweep(ev, rnd, high, low, early_stop=not full, model_id=lm.model_id, log=log)
+    res_r = run_sweep(ev, rnd, high, low, grid=grid, early_stop=not full, model_id=lm.model_id, log=log)
     table = load_scores(lm, calib_tokens, (2, 3, 4), 64, "rtn")
     orderings = {}
     for n in names:
@@ -71,7 +75,7 @@ def main() -> None:
         else:
             orderings[n] = table.ranking(n)
     log(f"sweep {high.label} -> {low.label}, {len(orderings)} metric orderings")
-    res = run_sweep(ev, orderings, high, low, early_stop=not full, model_id=lm.model_id, log=log)
+    res = run_sweep(ev, orderings, high, low, grid=grid, early_stop=not full, model_id=lm.model_id, log=log)
     res.rows += res_r.rows  # (the unquantized and all-high evaluations are shared: memoised)
     res.tolerated_share.update(res_r.tolerated_share)
     res.orderings.update(res_r.orderings)

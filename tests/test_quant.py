@@ -18,6 +18,15 @@ from layerscope.quant import export as qe
 hqq = pytest.importorskip("hqq")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(layers: int = 4, hidden: int = 64, inter: int = 128, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -147,6 +156,11 @@ def test_kl_error_model_and_linear_granularity(llama):
     assert err[:, col[(2, 64)]] == pytest.approx(kl[qb.Scheme(2, 64)])  # measured options are used as is
     assert np.all(err[:, col[(8, 64)]] < err[:, col[(4, 64)]])  # extrapolated ones keep the order
     plan = al.allocate(layers, options, 3.0, lambda u: al.errors_from_kl(kl, layers, u, options, mse),
+                       num_layers=4, blocks_path=parts.blocks_path)
+    assert plan.achieved_bpw <= 3.0 + 1e-12
+    small = al.parse_options([2, 3, 4], [64])  # per-linear units: 28 x 3 binaries keep the MILP quick
+    small_mse = al.relative_mse_table(layers, small, weights)
+    plan = al.allocate(layers, small, 3.0, lambda u: al.errors_from_kl(kl, layers, u, small, small_mse),
                        granularity="linear", num_layers=4, blocks_path=parts.blocks_path)
     assert plan.achieved_bpw <= 3.0 + 1e-12 and plan.granularity == "linear"
     # a block's KL is shared among its layers: summed over the block it is the block's KL

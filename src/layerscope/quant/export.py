@@ -395,6 +395,11 @@ def write_exports(plan: QuantPlan, formats: Sequence[str], directory: Path, mode
         else:
             raise LayerscopeError(f"unknown export format '{f}'")
         out[f] = {"files": files, "validated_by": how}
+        if f in ("gptqmodel", "llm-compressor"):
+            odd = [e.name for e in plan.entries if e.bits != UNQUANTIZED and e.shape[1] % e.group_size]
+            if odd:
+                out[f]["warnings"] = [f"{len(odd)} layers have an input width that is not a multiple of their group "
+                                      f"size (e.g. {odd[0]}); {f} kernels may refuse them: prefer group 64 there"]
     return out
 
 

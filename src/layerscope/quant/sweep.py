@@ -173,10 +173,19 @@ def sweep_table_text(res: SweepResult) -> str:
     shares = res.grid
     cell: dict[tuple[str, float], float] = {(r.ordering, r.share): r.perplexity for r in res.rows}
     w = max(12, *(len(n) for n in names)) + 1
-    lines = [f"{'ordering':<{w}}" + "".join(f"{p:>8.0%}" for p in shares) + "   tolerated"]
-    for n in names:
-        vals = "".join(f"{cell[(n, p)]:>8.2f}" if (n, p) in cell else f"{'·':>8s}" for p in shares)
-        lines.append(f"{n:<{w}}{vals}   {res.tolerated_share[n]:>6.0%}")
+    L = len(next(iter(res.orderings.values()))) if res.orderings else 0
+    if len(shares) <= 12:
+        lines = [f"{'ordering':<{w}}" + "".join(f"{p:>8.0%}" for p in shares) + "   tolerated"]
+        for n in names:
+            vals = "".join(f"{cell[(n, p)]:>8.2f}" if (n, p) in cell else f"{'·':>8s}" for p in shares)
+            lines.append(f"{n:<{w}}{vals}   {res.tolerated_share[n]:>6.0%}")
+    else:  # fine grid: list the evaluated points only
+        lines = [f"{'ordering':<{w}} tolerated  evaluated points (blocks at low bits: perplexity)"]
+        for n in names:
+            pts = [r for r in res.rows if r.ordering == n]
+            k = round(res.tolerated_share[n] * L)
+            lines.append(f"{n:<{w}} {res.tolerated_share[n]:>5.0%} ({k:2d})  "
+                         + ", ".join(f"{r.n_low}: {r.perplexity:.2f}" for r in pts))
     rs = res.random_summary()
     if rs:
         lines.append(f"random (n={rs['n']}): tolerated share mean {rs['mean']:.0%} ± {rs['sd']:.0%} "
