@@ -25,8 +25,9 @@ from ..errors import LayerscopeError
 from .backend import FakeQuantizer, Scheme, WeightCache, full_name
 
 PRE_ROUNDED_NOTE = ("SmolLM2's shipped weights were already rounded to 4 bits (GGUF Q4_1, blocks of 32); the "
-                    "baseline is that dequantized fp32 model, and the schemes used here (2/3-bit, group 64/128 with "
-                    "float16 scale and zero) lie off that Q4_1 grid, so they are not a free re-rounding.")
+                    "baseline is that dequantized fp32 model, and the schemes used here (2/3-bit, and any width with "
+                    "groups of 64/128 sharing one float16 scale and zero) lie off that Q4_1 grid, so they are not a "
+                    "free re-rounding.")
 
 
 class SweepRow(BaseModel):
@@ -249,7 +250,7 @@ def render_section(table) -> str | None:
         res = SweepResult.model_validate(sw)
         parts.append(f"<h3>Sweep: blocks moved from {Scheme(**res.high).label} to {Scheme(**res.low).label}</h3>")
         parts.append(f"<p>Reference (all {Scheme(**res.high).label}) perplexity {res.reference_perplexity:.4f}; "
-                     f"unquantized {res.baseline_perplexity if res.baseline_perplexity is not None else '—'}. "
+                     f"unquantized {'—' if res.baseline_perplexity is None else f'{res.baseline_perplexity:.4f}'}. "
                      f"Tolerated share = largest share with perplexity within +{res.threshold:.0%}.</p>")
         parts.append(_table(["ordering", "tolerated share"],
                             [[k, f"{v:.0%}"] for k, v in res.tolerated_share.items()]))
