@@ -41,7 +41,7 @@ def phase(name: str, tokens: int, seq_len: int, batch_size: int) -> dict:
                 model(input_ids=ids[s:s + batch_size], use_cache=False)
     else:
         scan(model, ids, None, tokenizer=tok, batch_size=batch_size,
-             options={"weights_cache": name == "scan_cached"})
+             options={"weights_cache": name == "scan_cached", "weights_sha256": lm.weights_sha256})
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"phase": name, "tokens": int(ids.numel()), "wall_s": wall, "weights_bytes": weights,

@@ -193,7 +193,8 @@ def scan(
     needs_data = any(m.needs_data for m in instances)
 
     opts = dict(options or {})
-    opts.update(weights_sha256=weights_sha)
+    if weights_sha:  # for in-memory models a caller may pass options={"weights_sha256": ...} itself
+        opts["weights_sha256"] = weights_sha
     max_pos = _max_positions(model)
     if max_pos:
         seq_len = min(seq_len, max_pos)

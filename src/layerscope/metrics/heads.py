@@ -44,13 +44,13 @@ class AttentionHeads(Metric):
     def observe(self, obs: BlockObservation) -> None:
         if obs.attn_probs is None:
             return
-        p = obs.attn_probs.double()  # [B, H, T, S]
+        p = obs.attn_probs.float()  # [B, H, T, S]; float32 terms, float64 sums
         i = obs.index
         q0 = 1 if self.causal and p.shape[2] > 1 else 0  # the first query can only attend to itself
         p = p[:, :, q0:, :]
-        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, T']
+        ent = -torch.xlogy(p, p).sum(-1, dtype=torch.float64)  # [B, H, T']
         self.ent[i] += ent.sum(dim=(0, 2))
-        self.sink[i] += p[..., 0].sum(dim=(0, 2))
+        self.sink[i] += p[..., 0].double().sum(dim=(0, 2))
         self.n_q[i] += p.shape[0] * p.shape[2]
         if obs.head_out is not None:
             self.norm[i] += obs.head_out.double().norm(dim=-1).sum(dim=(0, 1))

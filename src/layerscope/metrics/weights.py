@@ -22,7 +22,12 @@ def gram_eigenvalues(w: torch.Tensor) -> np.ndarray:
     """Squared singular values of w, ascending (eigenvalues of the smaller Gram matrix)."""
     w = w.detach().double()
     g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return torch.linalg.eigvalsh(g).clamp_min(0).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's symmetric eigensolver is faster single-threaded at these sizes
+    try:
+        return torch.linalg.eigvalsh(g).clamp_min(0).numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def stable_rank(eig: np.ndarray) -> float:
