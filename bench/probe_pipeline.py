@@ -1,6 +1,6 @@
 """Wall time of the layer-wise probe pipeline: 2,000 VADER sentences through SmolLM2 (or another model).
 
-    .venv/bin/python bench/probe_pipeline.py [--model smollm2] [--n 2000] [--threads N] [--precision auto]
+    .venv/bin/python bench/probe_pipeline.py [--model smollm2] [--n 2000] [--threads 1] [--precision auto]
                                              [--json out.json]
 
 Stages timed separately: model load, sampling, feature collection (one forward pass per batch,
@@ -21,7 +21,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a busy 2-core box two threads were 6x slower; 0 = torch's choice)")
     ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--json", default=None, help="also write the probe result JSON here")
     args = ap.parse_args()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 
 import numpy as np
 import pytest
@@ -72,7 +71,7 @@ def separable(n=160, seed=0):
     for i in range(n):
         lab = "x" if i % 2 == 0 else "y"
         words = [rng.choice(filler) for _ in range(rng.randint(3, 8))]
-        words.insert(rng.randint(0, len(words)), "alpha" if lab == "x" else "beta")
+        words.insert(rng.randint(1, len(words)), "alpha" if lab == "x" else "beta")  # never first: skipped by mean pooling
         rows.append((" ".join(words), lab))
     return rows
 
@@ -124,6 +123,17 @@ def test_padding_does_not_change_features(tok, llama):
     alone = collect_features(s, ts[:1], batch_size=1)
     for p in ("mean", "last"):
         np.testing.assert_allclose(both.pooled[p][:, 0], alone.pooled[p][:, 0], atol=1e-4)
+    # decoder: the mean leaves out the first token (attention sink); the last pooling is the last real token
+    got = {}
+    ids = tok(ts[1])["input_ids"]
+    from layerscope.probe import pad_batch, run_base, tap_layers
+
+    x, m = pad_batch([ids], 0)
+    with tap_layers(s.parts, lambda l, h: got.__setitem__(l, h[0].detach())):
+        run_base(s.parts, x, m)
+    assert both.mean_skip_first
+    np.testing.assert_allclose(both.pooled["mean"][2, 1], got[2][1:].mean(0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(both.pooled["last"][2, 1], got[2][-1].numpy(), atol=1e-4)
 
 
 def test_wilson_and_depth_rule():

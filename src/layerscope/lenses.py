@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,15 +45,6 @@ ARTEFACT = "tuned_lens"
 
 
 # =========================================================================== lens head
-
-
-def _final_gain_bias(parts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    norm = parts.final_norm
-    if norm is None:
-        return None, None
-    w = getattr(norm, "weight", None)
-    b = getattr(norm, "bias", None)
-    return w, b
 
 
 class LensHead:

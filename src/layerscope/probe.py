@@ -2,7 +2,9 @@
 
 For a labelled text set, the residual stream is read at every layer ``l = 0..L`` in one forward
 pass (layer 0 is the input of block 0, i.e. the embeddings; layer ``l`` is the output of block
-``l - 1``), pooled per text (mean over real tokens, and the last real token), and a standardised
+``l - 1``), pooled per text (mean over real tokens - for decoder models without the first token,
+an attention sink whose outsized activations would leak the text length into the mean - and the
+last real token; texts are right-padded so real tokens keep positions 0..n-1), and a standardised
 logistic-regression probe with cross-validated ``C`` is fitted per layer on a stratified training
 split.  Accuracy on the held-out split is reported with a 95% Wilson interval beside a control
 probe trained on shuffled labels (same features, same model selection; Hewitt & Liang 2019 call
@@ -308,16 +310,19 @@ class LayerFeatures:
     max_length: int
     wall_time_s: float
     precision: str = "float32"
+    mean_skip_first: bool = False
 
 
 @torch.no_grad()
 def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequence[str] = POOLINGS,
                      batch_size: int = 32, max_length: int | None = None, on_long: str = "truncate",
-                     precision: str = "float32",
+                     precision: str = "float32", mean_skip_first: bool | None = None,
                      progress: Callable[[int, int], None] | None = None) -> LayerFeatures:
     """Mean-over-real-tokens and last-real-token residual states of every layer, one forward pass per batch.
 
     precision: 'float32', 'bfloat16' (autocast; pooling is always done in float32) or 'auto'.
+    mean_skip_first: leave the first token out of the mean (default: for causal models, whose first
+    position is an attention sink; texts of one token keep it).
     """
     for p in poolings:
         if p not in POOLINGS:
@@ -330,6 +335,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
     precision = resolve_precision(precision, subject.model)
     enc = encode_texts(subject, texts, max_length=max_length, on_long=on_long)
     lengths = [len(s) for s in enc.ids]
+    skip_first = parts.causal if mean_skip_first is None else bool(mean_skip_first)
     d = None
     pooled: dict[str, np.ndarray] = {}
     norm_sum = np.zeros(L + 1)
@@ -341,10 +347,14 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
         m = mask.float()
         lens = mask.sum(1)
         rows = torch.tensor(idx)
+        # The first position of a decoder is an attention sink with outsized activations; averaged in,
+        # its weight 1/length would leak the text's length into the pooled features.
         norm_mask = m.clone()
         if ids.shape[1] > 1:
-            norm_mask[:, 0] = 0  # the first position is an attention sink with outsized norm
+            norm_mask[:, 0] = 0
         norm_mask = torch.where(norm_mask.sum(1, keepdim=True) > 0, norm_mask, m)
+        pool_mask = norm_mask if skip_first else m
+        pool_den = pool_mask.sum(1)
 
         def grab(layer: int, h: torch.Tensor) -> None:
             nonlocal d
@@ -354,7 +364,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
                 for p in poolings:
                     pooled[p] = np.zeros((L + 1, len(texts), d), dtype=np.float32)
             if "mean" in poolings:
-                pooled["mean"][layer, rows] = ((h * m[..., None]).sum(1) / lens[:, None]).numpy()
+                pooled["mean"][layer, rows] = ((h * pool_mask[..., None]).sum(1) / pool_den[:, None]).numpy()
             if "last" in poolings:
                 pooled["last"][layer, rows] = h[torch.arange(h.shape[0]), lens - 1].numpy()
             norms = h.norm(dim=-1)
@@ -372,7 +382,7 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
             raise NumericalError("non-finite hidden states (NaN/Inf) while collecting probe features")
     return LayerFeatures(pooled=pooled, token_norm=norm_sum / np.maximum(norm_cnt, 1), n_tokens=int(sum(lengths)),
                          n_truncated=enc.n_truncated, max_length=enc.max_length,
-                         wall_time_s=time.perf_counter() - t0, precision=precision)
+                         wall_time_s=time.perf_counter() - t0, precision=precision, mean_skip_first=skip_first)
 
 
 # =========================================================================== data
@@ -916,6 +926,7 @@ def probe(
     cka: bool = False,
     cka_data: Any = "wikipedia",
     cka_tokens: int = 2048,
+    cka_outlier_ratio: float | None = 5.0,
     seed: int = 0,
     progress: bool = False,
     trust_remote_code: bool = False,
@@ -984,7 +995,8 @@ def probe(
         from .similarity import layer_similarity
 
         t2 = time.perf_counter()
-        sim = layer_similarity(subject, data=cka_data, tokens=cka_tokens, seed=seed)
+        sim = layer_similarity(subject, data=cka_data, tokens=cka_tokens, seed=seed,
+                               outlier_ratio=cka_outlier_ratio or None)
         timings["cka"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     return ProbeResult(
@@ -996,6 +1008,7 @@ def probe(
                  "batch_size": batch_size, "max_length": feats.max_length if feats else max_length,
                  "on_long": on_long, "seed": seed, "n_tokens": feats.n_tokens if feats else 0,
                  "precision": feats.precision if feats else None, "torch_threads": torch.get_num_threads(),
+                 "mean_pooling_skips_first_token": feats.mean_skip_first if feats else None,
                  "cka_tokens": cka_tokens if cka else None},
         timings=timings, notes=notes + list(subject.parts.notes),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,7 +272,7 @@ def _parse_compare(spec: Any, L: int) -> list[int]:
 def steer(
     model: Any = None,
     layer: int | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.25,
     *,
     data: Any = None,
     positive: str = "positive",

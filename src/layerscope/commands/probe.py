@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         cka: bool = typer.Option(False, "--cka", help="Add the layer x layer linear-CKA similarity map (Wikipedia calibration tokens)."),
         cka_only: bool = typer.Option(False, "--cka-only", help="Only the CKA map, no probes."),
         cka_tokens: int = typer.Option(2048, "--cka-tokens", help="Tokens for CKA."),
+        cka_outlier_ratio: float = typer.Option(5.0, "--cka-outlier-ratio", help="Leave tokens whose norm exceeds this multiple of the layer median out of the main CKA matrix (0: keep all)."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit per text (default min(context, 512))."),
         on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: truncate (with a warning) or error."),
         batch_size: int = typer.Option(32, "--batch-size"),
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
             if cka_only:
                 from ..probe import ProbeResult, layer_names
 
-                sim = layer_similarity(subject, tokens=cka_tokens, seed=seed)
+                sim = layer_similarity(subject, tokens=cka_tokens, seed=seed, outlier_ratio=cka_outlier_ratio or None)
                 result = ProbeResult(model_id=subject.model_id, model_family=subject.parts.family,
                                      weights_sha256=subject.weights_sha256, num_layers=subject.num_layers,
                                      layer_names=layer_names(subject.num_layers), concepts={}, similarity=sim)
@@ -83,7 +84,8 @@ def register(app: typer.Typer) -> None:
                                poolings=tuple(pooling or ("mean", "last")), depth_fraction=depth_fraction,
                                control=control, batch_size=batch_size, max_length=max_length, on_long=on_long,
                                precision=precision,
-                               cka=cka, cka_tokens=cka_tokens, seed=seed, progress=not quiet)
+                               cka=cka, cka_tokens=cka_tokens, cka_outlier_ratio=cka_outlier_ratio or None, seed=seed,
+                               progress=not quiet)
         d = result.to_dict()
         extras = {"probe": {k: v for k, v in d.items() if k != "similarity"} if result.concepts else None,
                   "layer_similarity": d.get("similarity")}

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def steer_cmd(
         model: Optional[str] = typer.Argument(None, help="Local model directory, hub id, or 'smollm2'. Default: embedded SmolLM2-135M-Instruct."),
         layer: Optional[int] = typer.Option(None, "--layer", help="Residual layer 0..L (0 = embeddings). Default: the sentiment probe's concept depth."),
-        alpha: float = typer.Option(0.5, "--alpha", help="Added vector norm as a multiple of the mean residual norm at that layer."),
+        alpha: float = typer.Option(0.25, "--alpha", help="Added vector norm as a multiple of the mean residual norm at that layer."),
         data: Optional[Path] = typer.Option(None, "--data", help="Labelled data for the direction (.csv/.jsonl); default: VADER sentences."),
         text_field: str = typer.Option("text", "--text-field"),
         label_field: str = typer.Option("label", "--label-field"),
