@@ -536,6 +536,9 @@ def lens(
                    "optimizer": "AdamW, linear warmup 10 steps then linear decay to 10%",
                    "objective": "sum over layers of KL(final || tuned lens), minibatch mean"}
     if lenses:
+        if resume and (out_dir is None or not (out_dir / f"{CHECKPOINT}.json").is_file()):
+            raise LayerscopeError(f"--resume: no checkpoint in {out_dir} (expected {CHECKPOINT}.json and "
+                                  f"{CHECKPOINT}.safetensors)")
         head = LensHead(subject.parts)
         t1 = time.perf_counter()
         train, tsrc = cache_states(subject, train_data, n_tokens=train_tokens, seq_len=seq_len,

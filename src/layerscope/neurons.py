@@ -208,6 +208,7 @@ def promoting_neurons(model: Any, token: str | int, *, top_k: int = 20, layers: 
     k = min(top_k, allv.shape[0])
     top = allv.topk(k)
     return {"token": _token_str(tok, tid), "token_id": tid,
+            "per_layer_max": {str(b): round(float(v.max()), 5) for b, v in zip(blocks, scores)},
             "neurons": [{"layer": where[i][0], "neuron": where[i][1], "score": round(float(v), 5)}
                         for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 

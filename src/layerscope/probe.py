@@ -1157,6 +1157,14 @@ def summary_columns(extras: dict[str, Any]) -> list[dict]:
             "held-out tokens", "nostalgebraist 2020", embeddings=ln["logit_kl"][0])
         add("tuned_lens_kl", ln["tuned_kl"][1:], "KL(final || tuned lens at the block's output), nats, held-out "
             "tokens", "Belrose et al. 2023", embeddings=ln["tuned_kl"][0])
+    nr = extras.get("neurons") or {}
+    L = int(extras.get("num_layers") or 0)
+    for tok, found in (nr.get("promote") or {}).items():
+        per = found.get("per_layer_max") or {}
+        if per and L:
+            add(f"promotes_{found.get('token_id')}", [per.get(str(i)) for i in range(L)],
+                f"largest centred logit change per unit activation for token {tok!r} among the block's MLP neurons",
+                "Geva et al. 2022")
     st = extras.get("steer") or {}
     if st.get("layers") and st.get("num_layers"):
         vals = [None] * int(st["num_layers"])
@@ -1173,6 +1181,7 @@ def render_html(title: str, extras: dict[str, Any], sections: list[tuple[str, st
                 provenance: dict[str, Any], source: str | None = None) -> str:
     """Render via the report registry when it exists, else a standalone page with our own renderers."""
     extras = _jsonable({k: v for k, v in extras.items() if v})
+    summary_extras = dict(extras, num_layers=provenance.get("num_layers", 0))
     try:
         from .report import render_report  # type: ignore[attr-defined]
         from .scoretable import Provenance, ScoreColumn, ScoreTable
@@ -1187,7 +1196,7 @@ def render_html(title: str, extras: dict[str, Any], sections: list[tuple[str, st
                           calibration_source=source, created=provenance.get("created", ""), options=opts,
                           torch_version=torch.__version__, notes=list(provenance.get("notes") or []))
         table = ScoreTable(provenance=prov, extras=extras)
-        for c in summary_columns(extras):
+        for c in summary_columns(summary_extras):
             table.add(ScoreColumn(**c))
     except ImportError:
         table = None
