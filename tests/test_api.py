@@ -7,7 +7,7 @@ def test_api_verbs_are_functions():
     import layerscope.scan  # noqa: F401
     import layerscope.steer  # noqa: F401
 
-    for name in ("scan", "probe", "steer", "agree", "lens", "prune", "load", "load_model", "perplexity"):
+    for name in ("scan", "probe", "steer", "agree", "lens", "prune", "quantize", "load", "load_model", "perplexity"):
         assert callable(getattr(layerscope, name)), name
     assert layerscope.scan.__module__ == "layerscope.scan"
 

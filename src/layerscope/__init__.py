@@ -17,6 +17,7 @@ _LAZY = {
     "agree": ("agreement", "agree"),
     "lens": ("lenses", "lens"),
     "prune": ("actions.prune", "prune"),
+    "quantize": ("commands.quantize", "quantize"),
     "load": ("fast", "load"),
     "perplexity": ("evaluation", "perplexity"),
     "render_report": ("report", "render_report"),

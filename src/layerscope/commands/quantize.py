@@ -113,6 +113,161 @@ def build_plan(lm, parts, *, budget: float, bits: list[int], groups: list[int], 
     return plan, table
 
 
+def quantize(
+    model: str | None = None,
+    *,
+    budget: str | float,
+    bits: str = "2,3,4,8",
+    group: str = "64",
+    by: str = "quant_sensitivity",
+    scores: Path | str | None = None,
+    out: Path | str = "layerscope-quant",
+    export: str | None = None,
+    granularity: str = "block",
+    method: str = "rtn",
+    fmt: str = "hqq",
+    tokens: int = 2048,
+    evaluate: bool = True,
+    eval_tokens: int = 16384,
+    save_model: bool = True,
+    force: bool = False,
+    quiet: bool = True,
+):
+    """Choose a bit width per block (or linear layer) under a bits-per-weight budget, apply it with HQQ,
+    save it and export the plan; the Python face of `layerscope quantize`. Returns the plan."""
+    out = Path(out)
+    scores = Path(scores) if scores is not None else None
+    budget = str(budget)
+    import datetime as _dt
+
+    from .. import __version__
+    from ..quant.backend import FORMATS, check_scheme, parse_bits
+    from ..quant.export import parse_exports
+
+    say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    # ---- validate everything cheap first
+    bud = _parse_budget(budget)
+    bit_list = parse_bits(bits)
+    groups = _parse_groups(group)
+    for g in groups:
+        check_scheme(4, g, method)
+    formats = parse_exports(export)
+    if granularity not in ("block", "linear"):
+        raise LayerscopeError(f"--granularity must be block or linear, got '{granularity}'")
+    if fmt not in FORMATS:
+        raise LayerscopeError(f"--cost-format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if tokens < 1 or eval_tokens < 2:
+        raise LayerscopeError("--tokens and --eval-tokens must be positive")
+    if out.exists() and not force:
+        raise LayerscopeError(f"output directory {out} already exists (use --force to replace it)")
+    table = None
+    if scores is not None:
+        from ..scoretable import ScoreTable
+
+        table = ScoreTable.from_json(scores)
+
+    from ..adapter import find_parts
+    from ..io import atomic_directory, is_inside, write_json_atomic, write_text_atomic
+    from ..models import load_model
+
+    lm = load_model(model)
+    if lm.path is not None and is_inside(out, lm.path):
+        raise LayerscopeError(f"output {out} is inside the source model directory {lm.path}; choose another --out")
+    if table is not None and table.provenance.weights_sha256 and lm.weights_sha256 \
+            and table.provenance.weights_sha256 != lm.weights_sha256:
+        raise LayerscopeError(f"{scores} was measured on other weights than {lm.model_id} (weights hash differs)")
+    parts = find_parts(lm.model)
+    if not parts.has_lm_head and (by == "quant_sensitivity" or evaluate):
+        raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --by METRIC --no-eval")
+    plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
+                                  fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
+                                  progress=not quiet, log=say)
+    pre_rounded = lm.model_id == "smollm2"
+    from ..quant.sweep import PRE_ROUNDED_NOTE
+
+    plan.provenance = {
+        "source_model": lm.model_id,
+        "source_path": str(lm.path) if lm.path else None,
+        "weights_sha256": lm.weights_sha256,
+        "metric": by,
+        "scores": str(scores) if scores else ("measured" if used_table is not None else None),
+        "budget_bpw": bud,
+        "achieved_bpw": plan.achieved_bpw,
+        "cost_format": fmt,
+        "bits": bit_list,
+        "group_sizes": groups,
+        "method": method,
+        "granularity": granularity,
+        "layerscope_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "covers": "the linear layers of every block; embeddings, norms and the output head are not quantized",
+    }
+    if pre_rounded:
+        plan.notes.append(PRE_ROUNDED_NOTE)
+    say(f"plan: {plan.achieved_bpw:.4f} bpw ({fmt}) for a {bud:g} bpw budget; blocks: " + " ".join(plan.block_labels()))
+
+    evaluations = []
+    if evaluate:
+        from ..evaluation import PerplexityProtocol
+        from ..quant.sweep import Evaluator
+
+        proto = PerplexityProtocol(max_tokens=eval_tokens)
+        ev = Evaluator(lm.model, lm.tokenizer, proto)
+        say(f"evaluating held-out perplexity ({proto.describe()})")
+        base = ev.perplexity(None)
+        q = ev.perplexity(plan.assignment())
+        evaluations = [
+            {"name": "unquantized" + (" (dequantized Q4_1 fp32)" if pre_rounded else ""), "bpw": 32.0,
+             "perplexity": base},
+            {"name": f"plan ({by})", "bpw": plan.achieved_bpw, "perplexity": q},
+        ]
+        plan.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
+                                         "plan_perplexity": q, "path": "fake-quant (bit-exact HQQ dequantized weights), fp32 compute"}
+        say(f"perplexity: unquantized {base:.4f}, plan {q:.4f} ({(q / base - 1) * 100:+.2f} %)")
+
+    with atomic_directory(out, force=force) as tmp:
+        write_json_atomic(tmp / "plan.json", plan.model_dump(mode="json"))
+        if used_table is not None:
+            used_table.to_json(tmp / "scores.json")
+        exported = {}
+        if formats:
+            from ..quant.export import write_exports
+
+            exported = write_exports(plan, formats, tmp / "export", model=lm.model,
+                                     model_type=getattr(lm.model.config, "model_type", "llama"))
+            write_json_atomic(tmp / "export" / "validation.json", exported)
+        if save_model:
+            import torch
+
+            from ..quant.backend import hqq_layers, quantize_model_hqq, save_hqq_model
+            from ..quant.backend import fake_quant
+
+            expected = {}
+            for e in plan.entries:  # what the saved layers must dequantize to
+                if e.bits != 16:
+                    w = lm.model.get_submodule(e.name).weight.data
+                    expected[e.name] = fake_quant(w, plan.assignment()[e.name])
+            say("applying the plan with HQQ (HQQLinear, float16 compute) and saving")
+            quantize_model_hqq(lm.model, plan.assignment())
+            for name, layer in hqq_layers(lm.model):
+                if not torch.equal(layer.dequantize().float(), expected[name].float()):
+                    raise LayerscopeError(f"HQQ layer {name} does not reproduce the evaluated fake-quant weights")
+            save_hqq_model(lm.model, tmp / "model")
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(str(tmp / "model"))
+        write_text_atomic(tmp / "README.md", _readme(plan, evaluations, exported, save_model))
+        try:
+            from ..quant.sweep import attach
+            from ..report import render_report
+
+            if used_table is not None:
+                attach(used_table, plan=plan, evaluations=evaluations or None)
+                (tmp / "report.html").write_text(render_report(used_table), encoding="utf-8")
+        except ImportError:
+            pass
+    return plan
+
+
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize_cmd(
@@ -135,133 +290,12 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Choose a bit width per block (or linear layer) under a bits-per-weight budget, apply it, export it."""
-        import datetime as _dt
-
-        from .. import __version__
-        from ..quant.backend import FORMATS, check_scheme, parse_bits
+        quantize(model, budget=budget, bits=bits, group=group, by=by, scores=scores, out=out, export=export,
+                 granularity=granularity, method=method, fmt=fmt, tokens=tokens, evaluate=evaluate,
+                 eval_tokens=eval_tokens, save_model=save_model, force=force, quiet=quiet)
         from ..quant.export import parse_exports
 
-        say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-        # ---- validate everything cheap first
-        bud = _parse_budget(budget)
-        bit_list = parse_bits(bits)
-        groups = _parse_groups(group)
-        for g in groups:
-            check_scheme(4, g, method)
         formats = parse_exports(export)
-        if granularity not in ("block", "linear"):
-            raise LayerscopeError(f"--granularity must be block or linear, got '{granularity}'")
-        if fmt not in FORMATS:
-            raise LayerscopeError(f"--cost-format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-        if tokens < 1 or eval_tokens < 2:
-            raise LayerscopeError("--tokens and --eval-tokens must be positive")
-        if out.exists() and not force:
-            raise LayerscopeError(f"output directory {out} already exists (use --force to replace it)")
-        table = None
-        if scores is not None:
-            from ..scoretable import ScoreTable
-
-            table = ScoreTable.from_json(scores)
-
-        from ..adapter import find_parts
-        from ..io import atomic_directory, is_inside, write_json_atomic, write_text_atomic
-        from ..models import load_model
-
-        lm = load_model(model)
-        if lm.path is not None and is_inside(out, lm.path):
-            raise LayerscopeError(f"output {out} is inside the source model directory {lm.path}; choose another --out")
-        if table is not None and table.provenance.weights_sha256 and lm.weights_sha256 \
-                and table.provenance.weights_sha256 != lm.weights_sha256:
-            raise LayerscopeError(f"{scores} was measured on other weights than {lm.model_id} (weights hash differs)")
-        parts = find_parts(lm.model)
-        if not parts.has_lm_head and (by == "quant_sensitivity" or evaluate):
-            raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --by METRIC --no-eval")
-        plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
-                                      fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
-                                      progress=not quiet, log=say)
-        pre_rounded = lm.model_id == "smollm2"
-        from ..quant.sweep import PRE_ROUNDED_NOTE
-
-        plan.provenance = {
-            "source_model": lm.model_id,
-            "source_path": str(lm.path) if lm.path else None,
-            "weights_sha256": lm.weights_sha256,
-            "metric": by,
-            "scores": str(scores) if scores else ("measured" if used_table is not None else None),
-            "budget_bpw": bud,
-            "achieved_bpw": plan.achieved_bpw,
-            "cost_format": fmt,
-            "bits": bit_list,
-            "group_sizes": groups,
-            "method": method,
-            "granularity": granularity,
-            "layerscope_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "covers": "the linear layers of every block; embeddings, norms and the output head are not quantized",
-        }
-        if pre_rounded:
-            plan.notes.append(PRE_ROUNDED_NOTE)
-        say(f"plan: {plan.achieved_bpw:.4f} bpw ({fmt}) for a {bud:g} bpw budget; blocks: " + " ".join(plan.block_labels()))
-
-        evaluations = []
-        if evaluate:
-            from ..evaluation import PerplexityProtocol
-            from ..quant.sweep import Evaluator
-
-            proto = PerplexityProtocol(max_tokens=eval_tokens)
-            ev = Evaluator(lm.model, lm.tokenizer, proto)
-            say(f"evaluating held-out perplexity ({proto.describe()})")
-            base = ev.perplexity(None)
-            q = ev.perplexity(plan.assignment())
-            evaluations = [
-                {"name": "unquantized" + (" (dequantized Q4_1 fp32)" if pre_rounded else ""), "bpw": 32.0,
-                 "perplexity": base},
-                {"name": f"plan ({by})", "bpw": plan.achieved_bpw, "perplexity": q},
-            ]
-            plan.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
-                                             "plan_perplexity": q, "path": "fake-quant (bit-exact HQQ dequantized weights), fp32 compute"}
-            say(f"perplexity: unquantized {base:.4f}, plan {q:.4f} ({(q / base - 1) * 100:+.2f} %)")
-
-        with atomic_directory(out, force=force) as tmp:
-            write_json_atomic(tmp / "plan.json", plan.model_dump(mode="json"))
-            if used_table is not None:
-                used_table.to_json(tmp / "scores.json")
-            exported = {}
-            if formats:
-                from ..quant.export import write_exports
-
-                exported = write_exports(plan, formats, tmp / "export", model=lm.model,
-                                         model_type=getattr(lm.model.config, "model_type", "llama"))
-                write_json_atomic(tmp / "export" / "validation.json", exported)
-            if save_model:
-                import torch
-
-                from ..quant.backend import hqq_layers, quantize_model_hqq, save_hqq_model
-                from ..quant.backend import fake_quant
-
-                expected = {}
-                for e in plan.entries:  # what the saved layers must dequantize to
-                    if e.bits != 16:
-                        w = lm.model.get_submodule(e.name).weight.data
-                        expected[e.name] = fake_quant(w, plan.assignment()[e.name])
-                say("applying the plan with HQQ (HQQLinear, float16 compute) and saving")
-                quantize_model_hqq(lm.model, plan.assignment())
-                for name, layer in hqq_layers(lm.model):
-                    if not torch.equal(layer.dequantize().float(), expected[name].float()):
-                        raise LayerscopeError(f"HQQ layer {name} does not reproduce the evaluated fake-quant weights")
-                save_hqq_model(lm.model, tmp / "model")
-                if lm.tokenizer is not None:
-                    lm.tokenizer.save_pretrained(str(tmp / "model"))
-            write_text_atomic(tmp / "README.md", _readme(plan, evaluations, exported, save_model))
-            try:
-                from ..quant.sweep import attach
-                from ..report import render_report
-
-                if used_table is not None:
-                    attach(used_table, plan=plan, evaluations=evaluations or None)
-                    (tmp / "report.html").write_text(render_report(used_table), encoding="utf-8")
-            except ImportError:
-                pass
         typer.echo(f"wrote {out}/plan.json" + (f", {out}/model (HQQ)" if save_model else "")
                    + (f", {out}/export ({', '.join(formats)})" if formats else ""))
 
