@@ -620,15 +620,9 @@ def render_lens_section(data: dict) -> str | None:
 
 
 def _register_sections() -> None:
-    try:
-        from .report import register_section  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        register_section("lens", "Logit lens vs tuned lens",
-                         lambda table: render_lens_section(table.extras.get("lens") or {}), order=72)
-    except Exception:  # noqa: BLE001
-        pass
+    from .report import register_extras_section
+
+    register_extras_section("lens", "Logit lens vs tuned lens", render_lens_section, order=72)
 
 
 _register_sections()

@@ -246,15 +246,9 @@ def render_neuron_section(data: dict, show: int = 16) -> str | None:
 
 
 def _register_sections() -> None:
-    try:
-        from .report import register_section  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        register_section("neurons", "Neuron decoding",
-                         lambda table: render_neuron_section(table.extras.get("neurons") or {}), order=73)
-    except Exception:  # noqa: BLE001
-        pass
+    from .report import register_extras_section
+
+    register_extras_section("neurons", "Neuron decoding", render_neuron_section, order=73)
 
 
 _register_sections()

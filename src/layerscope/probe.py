@@ -114,12 +114,9 @@ def load_subject(model: Any = None, tokenizer: Any = None, trust_remote_code: bo
 
 
 def max_context(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    from .scan import max_positions
+
+    return max_positions(model)
 
 
 def layer_names(num_layers: int) -> list[str]:
@@ -1114,15 +1111,9 @@ def render_probe_section(data: dict) -> str | None:
 
 
 def _register_sections() -> None:
-    try:
-        from .report import register_section  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        register_section("probe", "Layer-wise probes: concept depth",
-                         lambda table: render_probe_section(table.extras.get("probe") or {}), order=70)
-    except Exception:  # noqa: BLE001 - a registry with another signature must not break the analysis
-        pass
+    from .report import register_extras_section
+
+    register_extras_section("probe", "Layer-wise probes: concept depth", render_probe_section, order=70)
 
 
 def standalone_page(title: str, sections: list[tuple[str, str]]) -> str:

@@ -134,7 +134,8 @@ def prepare_tokens(
     return ids, label
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
+    """The model's longest supported sequence, from its config (None if it does not say)."""
     cfg = getattr(model, "config", None)
     for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
         v = getattr(cfg, k, None)
@@ -195,7 +196,7 @@ def scan(
     opts = dict(options or {})
     if weights_sha:  # for in-memory models a caller may pass options={"weights_sha256": ...} itself
         opts["weights_sha256"] = weights_sha
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if max_pos:
         seq_len = min(seq_len, max_pos)
     ids, source = (None, None)

@@ -224,15 +224,9 @@ def render_similarity_section(data: dict) -> str | None:
 
 
 def _register_sections() -> None:
-    try:
-        from .report import register_section  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        register_section("layer_similarity", "Layer similarity (linear CKA)",
-                         lambda table: render_similarity_section(table.extras.get("layer_similarity") or {}), order=71)
-    except Exception:  # noqa: BLE001
-        pass
+    from .report import register_extras_section
+
+    register_extras_section("layer_similarity", "Layer similarity (linear CKA)", render_similarity_section, order=71)
 
 
 _register_sections()

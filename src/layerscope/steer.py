@@ -467,15 +467,9 @@ def render_steer_section(data: dict) -> str | None:
 
 
 def _register_sections() -> None:
-    try:
-        from .report import register_section  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        register_section("steer", "Steering at the depth that knows",
-                         lambda table: render_steer_section(table.extras.get("steer") or {}), order=74)
-    except Exception:  # noqa: BLE001
-        pass
+    from .report import register_extras_section
+
+    register_extras_section("steer", "Steering at the depth that knows", render_steer_section, order=74)
 
 
 _register_sections()

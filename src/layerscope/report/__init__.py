@@ -62,6 +62,11 @@ _SECTIONS: dict[str, tuple[Section, int]] = {}
 _SEQ = itertools.count()
 
 
+def register_extras_section(key: str, title: str, render: Callable[[dict], str | None], order: int = 100) -> None:
+    """A section drawn from `table.extras[key]` (what probe, lens, steer and others attach to a table)."""
+    register_section(key, title, lambda table: render(table.extras.get(key) or {}), order=order)
+
+
 def register_section(key: str, title: str, render: Callable[[ScoreTable], str | None], order: int = 100) -> None:
     """Add (or replace, by key) a report section.
 
