@@ -13,7 +13,8 @@ $(BIN)/python:
 
 # torch first and pinned: torch==2.13.0 is the local CPU wheel; any other spec pulls a CUDA build.
 install: $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/pip install -q $$([ -d /opt/wheels ] && echo --find-links /opt/wheels) torch==2.13.0
 	$(BIN)/pip install -q -e ".[all]"
 
 # Debian's chromium for the browser test (playwright's own browser download is not used).
