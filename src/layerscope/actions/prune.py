@@ -496,13 +496,21 @@ def _dtype_name(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
-def source_dtype(path: Path | None) -> torch.dtype | None:
-    """The dtype a local model directory stores (config 'dtype'/'torch_dtype'), else None."""
+def _local_config(path: Path | None) -> dict | None:
+    """config.json of a local model directory as a dict (None if absent or unreadable)."""
     if path is None:
         return None
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def source_dtype(path: Path | None) -> torch.dtype | None:
+    """The dtype a local model directory stores (config 'dtype'/'torch_dtype'), else None."""
+    cfg = _local_config(path)
+    if cfg is None:
         return None
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
     dt = getattr(torch, str(name), None) if name else None
@@ -511,11 +519,8 @@ def source_dtype(path: Path | None) -> torch.dtype | None:
 
 def config_layers(path: Path | None) -> int | None:
     """Number of blocks a local model directory's config declares (None if it cannot tell)."""
-    if path is None:
-        return None
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    cfg = _local_config(path)
+    if cfg is None:
         return None
     for c in (cfg, cfg.get("text_config") or {}):
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
