@@ -14,8 +14,29 @@ def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
 
 
+class _PerUnitMetric(Metric):
+    """A per-token statistic of (stream in, stream out, contribution) for the block and each sublayer."""
+
+    def per_token(self, x_in: torch.Tensor, x_out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.acc = {u: Accumulator(self.L) for u in ("block", "attention", "mlp")}
+
+    def observe(self, obs: BlockObservation) -> None:
+        i = obs.index
+        d_attn, d_mlp = obs.delta_attn, obs.delta_mlp
+        self.acc["block"].add(i, self.per_token(obs.h_in, obs.h_out, obs.h_out - obs.h_in))
+        self.acc["attention"].add(i, self.per_token(obs.h_in, obs.h_in + d_attn, d_attn))
+        self.acc["mlp"].add(i, self.per_token(obs.mlp_in, obs.mlp_in + d_mlp, d_mlp))
+
+    def finish(self) -> list[Column]:
+        return [self.column(u, a.mean()) for u, a in self.acc.items()]
+
+
 @register
-class BlockInfluence(Metric):
+class BlockInfluence(_PerUnitMetric):
     """Block Influence: BI = 1 - E_t[cos(x_in, x_out)] per block, attention and MLP sublayer.
 
     ShortGPT (Men et al., 2024, "ShortGPT: Layers in LLMs are More Redundant Than You Expect") for
@@ -29,18 +50,8 @@ class BlockInfluence(Metric):
     definition = "1 - mean over tokens of cos(input, output) of the unit's residual stream"
     reference = "ShortGPT (Men et al. 2024); What Matters in Transformers? (He et al. 2024)"
 
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.acc = {u: Accumulator(self.L) for u in ("block", "attention", "mlp")}
-
-    def observe(self, obs: BlockObservation) -> None:
-        i = obs.index
-        self.acc["block"].add(i, one_minus_cos(obs.h_in, obs.h_out))
-        self.acc["attention"].add(i, one_minus_cos(obs.h_in, obs.h_in + obs.delta_attn))
-        self.acc["mlp"].add(i, one_minus_cos(obs.mlp_in, obs.mlp_in + obs.delta_mlp))
-
-    def finish(self) -> list[Column]:
-        return [self.column(u, a.mean()) for u, a in self.acc.items()]
+    def per_token(self, x_in, x_out, delta):
+        return one_minus_cos(x_in, x_out)
 
 
 @register
@@ -87,7 +98,7 @@ class AngularDistance(Metric):
 
 
 @register
-class RelativeContribution(Metric):
+class RelativeContribution(_PerUnitMetric):
     """Relative contribution ||f(x)|| / ||x||: the norm of what a block / sublayer adds to the
     residual stream, relative to the stream it reads, per token.
 
@@ -99,22 +110,8 @@ class RelativeContribution(Metric):
     definition = "mean over tokens of ||unit output - unit input|| / ||unit input|| on the residual stream"
     reference = "Csordas et al. 2025, Do Language Models Use Their Depth Efficiently?"
 
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.acc = {u: Accumulator(self.L) for u in ("block", "attention", "mlp")}
-
-    @staticmethod
-    def _ratio(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        return delta.double().norm(dim=-1) / base.double().norm(dim=-1).clamp_min(1e-12)
-
-    def observe(self, obs: BlockObservation) -> None:
-        i = obs.index
-        self.acc["block"].add(i, self._ratio(obs.h_out - obs.h_in, obs.h_in))
-        self.acc["attention"].add(i, self._ratio(obs.delta_attn, obs.h_in))
-        self.acc["mlp"].add(i, self._ratio(obs.delta_mlp, obs.mlp_in))
-
-    def finish(self) -> list[Column]:
-        return [self.column(u, a.mean()) for u, a in self.acc.items()]
+    def per_token(self, x_in, x_out, delta):
+        return delta.double().norm(dim=-1) / x_in.double().norm(dim=-1).clamp_min(1e-12)
 
 
 @register
