@@ -22,8 +22,8 @@ def scores_path(tokens: int, bits, group: int, method: str) -> Path:
 
 def load_scores(lm, tokens: int, bits, group: int, method: str):
     """quant_sensitivity at `bits` + the cheap default metrics, measured once and cached on disk."""
-    from layerscope.assets import is_ready
-    from layerscope.scoretable import ScoreTable
+    from layerscope.data.assets import is_ready
+    from layerscope.metrics.table import ScoreTable
 
     p = scores_path(tokens, bits, group, method)
     lock = p.with_suffix(".measuring")
@@ -50,7 +50,7 @@ def load_scores(lm, tokens: int, bits, group: int, method: str):
 
 
 def _measure(lm, tokens: int, bits, group: int, method: str):
-    from layerscope.quant.sensitivity import measure_scores
+    from layerscope.metrics.ground_truth.quant_sensitivity import measure_scores
 
     table = measure_scores(lm.model, lm.tokenizer, bits=bits, group_size=group, method=method, tokens=tokens,
                            extra_metrics=CHEAP_METRICS)
@@ -60,7 +60,7 @@ def _measure(lm, tokens: int, bits, group: int, method: str):
 
 
 def wait_for_assets() -> None:
-    from layerscope.assets import is_ready
+    from layerscope.data.assets import is_ready
 
     while not (is_ready("smollm2") and is_ready("wikipedia")):
         log("waiting for the smollm2/wikipedia assets (poll each minute)")

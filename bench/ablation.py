@@ -32,12 +32,12 @@ def main() -> int:
 
     import torch
 
-    from layerscope import assets
-    from layerscope.adapter import find_parts
-    from layerscope.data import load_texts, tokenize_windows
-    from layerscope.engine import BlockRunner, make_batches
-    from layerscope.ground_truth.ablation import leave_one_out, naive_leave_one_out
-    from layerscope.models import load_model
+    from layerscope.data import assets
+    from layerscope.model.adapter import find_parts
+    from layerscope.data.corpora import load_texts, tokenize_windows
+    from layerscope.engine.runner import BlockRunner, make_batches
+    from layerscope.metrics.ground_truth.ablation import leave_one_out, naive_leave_one_out
+    from layerscope.model.loading import load_model
 
     if not assets.is_ready("smollm2") or not assets.is_ready("wikipedia"):
         print("SmolLM2 / Wikipedia assets are not prepared: run `layerscope assets fetch` first", file=sys.stderr)
@@ -61,7 +61,7 @@ def main() -> int:
         return naive_leave_one_out(parts, batches, units=("block",))
 
     # cost model: one block evaluation and one head + scoring evaluation, timed on the same batch
-    from layerscope.ground_truth.ablation import Reference, _cache_inputs
+    from layerscope.metrics.ground_truth.ablation import Reference, _cache_inputs
 
     probe = BlockRunner(parts, [dict(batches[0])])
     probe.capture()

@@ -34,10 +34,11 @@ def main() -> int:
     import torch
     import transformers
 
-    from layerscope import assets, load
+    from layerscope.data import assets
+    from layerscope import load
     from layerscope.actions.prune import prune
-    from layerscope.evaluation import PerplexityProtocol, perplexity, token_stream
-    from layerscope.models import load_model
+    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, token_stream
+    from layerscope.model.loading import load_model
 
     if not assets.is_ready("smollm2") or not assets.is_ready("wikipedia"):
         print("SmolLM2 / Wikipedia assets are not prepared (layerscope assets fetch)")

@@ -29,8 +29,14 @@ def main() -> int:
 
     import torch
 
-    from layerscope import assets
-    from layerscope.probe import collect_features, concept_data, load_subject, probe_concept, sentiment_sample
+    from layerscope.data import assets
+    from layerscope.analysis.probes import (
+        collect_features,
+        concept_data,
+        load_subject,
+        probe_concept,
+        sentiment_sample,
+    )
 
     for name in ("sentiment",) + ((args.model,) if args.model in ("smollm2", "minilm") else ()):
         if not assets.is_ready(name):
@@ -76,8 +82,8 @@ def main() -> int:
     if args.json:
         import json
 
-        from layerscope.io import write_text_atomic
-        from layerscope.probe import ProbeResult, _jsonable, layer_names
+        from layerscope.outputs import write_text_atomic
+        from layerscope.analysis.probes import ProbeResult, _jsonable, layer_names
 
         res = ProbeResult(model_id=subject.model_id, model_family=subject.parts.family,
                           weights_sha256=subject.weights_sha256, num_layers=L, layer_names=layer_names(L),

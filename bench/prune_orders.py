@@ -34,12 +34,12 @@ def main() -> int:
     import torch
     import transformers
 
-    from layerscope import assets
+    from layerscope.data import assets
     from layerscope.actions.prune import prune
-    from layerscope.evaluation import PerplexityProtocol, perplexity
-    from layerscope.models import load_model
-    from layerscope.scan import scan
-    from layerscope.sweep import OrderSpec, ranking_columns, run_sweep
+    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+    from layerscope.model.loading import load_model
+    from layerscope.metrics.scan import scan
+    from layerscope.evaluation.sweep import OrderSpec, ranking_columns, run_sweep
 
     if not assets.is_ready("smollm2") or not assets.is_ready("wikipedia"):
         print("SmolLM2 / Wikipedia assets are not prepared (layerscope assets fetch)")

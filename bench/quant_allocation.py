@@ -40,12 +40,12 @@ def spearman(a, b) -> float:
 def main() -> None:
     import numpy as np
 
-    from layerscope.evaluation import PerplexityProtocol
-    from layerscope.models import load_model
-    from layerscope.quant import allocate as al
-    from layerscope.quant.backend import Scheme
-    from layerscope.quant.sensitivity import kl_from_details
-    from layerscope.quant.sweep import PRE_ROUNDED_NOTE, Evaluator, attach
+    from layerscope.evaluation.perplexity import PerplexityProtocol
+    from layerscope.model.loading import load_model
+    from layerscope.plans import allocate as al
+    from layerscope.compress.quant import Scheme
+    from layerscope.metrics.ground_truth.quant_sensitivity import kl_from_details
+    from layerscope.evaluation.quant_sweep import PRE_ROUNDED_NOTE, Evaluator, attach
 
     eval_tokens = int(os.environ.get("LAYERSCOPE_BENCH_EVAL_TOKENS", 16384))
     calib_tokens = int(os.environ.get("LAYERSCOPE_BENCH_CALIB_TOKENS", 2048))
@@ -54,7 +54,7 @@ def main() -> None:
     t0 = time.perf_counter()
     wait_for_assets()
     lm = load_model(None)
-    from layerscope.adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(lm.model)
     L = parts.num_layers

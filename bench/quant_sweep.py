@@ -37,10 +37,17 @@ DEFAULT_ORDERINGS = "quant_sensitivity,zd_outlier_share,block_influence,angular_
 
 
 def main() -> None:
-    from layerscope.evaluation import PerplexityProtocol
-    from layerscope.models import load_model
-    from layerscope.quant.backend import Scheme
-    from layerscope.quant.sweep import PRE_ROUNDED_NOTE, Evaluator, attach, random_orderings, run_sweep, sweep_table_text
+    from layerscope.evaluation.perplexity import PerplexityProtocol
+    from layerscope.model.loading import load_model
+    from layerscope.compress.quant import Scheme
+    from layerscope.evaluation.quant_sweep import (
+        PRE_ROUNDED_NOTE,
+        Evaluator,
+        attach,
+        random_orderings,
+        run_sweep,
+        sweep_table_text,
+    )
 
     eval_tokens = int(os.environ.get("LAYERSCOPE_BENCH_EVAL_TOKENS", 16384))
     calib_tokens = int(os.environ.get("LAYERSCOPE_BENCH_CALIB_TOKENS", 2048))
@@ -55,7 +62,7 @@ def main() -> None:
 
     wait_for_assets()
     lm = load_model(None)
-    from layerscope.adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     L = find_parts(lm.model).num_layers
     proto = PerplexityProtocol(max_tokens=eval_tokens)
@@ -68,7 +75,7 @@ def main() -> None:
     orderings = {}
     for n in names:
         if n == "quant_sensitivity" and lb in (2, 3, 4) and lg == 64:
-            from layerscope.quant.sensitivity import kl_from_details
+            from layerscope.metrics.ground_truth.quant_sensitivity import kl_from_details
 
             kl = kl_from_details(table.column("quant_sensitivity").details)[Scheme(lb, lg)]
             orderings[f"quant_sensitivity@{lb}b"] = sorted(range(L), key=lambda i: (kl[i], i))

@@ -23,11 +23,11 @@ def phase(name: str, tokens: int, seq_len: int, batch_size: int) -> dict:
     import torch
     import transformers
 
-    from layerscope.models import load_model
-    from layerscope.scan import prepare_tokens, scan
+    from layerscope.model.loading import load_model
+    from layerscope.metrics.scan import prepare_tokens, scan
 
     transformers.utils.logging.disable_progress_bar()
-    tok = transformers.AutoTokenizer.from_pretrained(str(__import__("layerscope.assets").assets.asset_dir("smollm2")))
+    tok = transformers.AutoTokenizer.from_pretrained(str(__import__("layerscope.data.assets").data.assets.asset_dir("smollm2")))
     ids, _ = prepare_tokens(tok, "wikipedia", tokens, seq_len)
     base = rss_bytes()
     lm = load_model(None, tokenizer=False)

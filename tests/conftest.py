@@ -10,7 +10,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def smollm2_ready() -> bool:
-    from layerscope import assets
+    from layerscope.data import assets
 
     return assets.is_ready("smollm2")
 

@@ -3,13 +3,13 @@ import layerscope
 
 
 def test_api_verbs_are_functions():
-    import layerscope.probe  # noqa: F401  (importing the modules must not shadow the functions)
-    import layerscope.scan  # noqa: F401
-    import layerscope.steer  # noqa: F401
+    import layerscope.analysis.probes  # noqa: F401  (importing the modules must not shadow the functions)
+    import layerscope.metrics.scan  # noqa: F401
+    import layerscope.actions.steer  # noqa: F401
 
     for name in ("scan", "probe", "steer", "agree", "lens", "prune", "quantize", "load", "load_model", "perplexity"):
         assert callable(getattr(layerscope, name)), name
-    assert layerscope.scan.__module__ == "layerscope.scan"
+    assert layerscope.scan.__module__ == "layerscope.metrics.scan"
 
 
 def test_scan_api_on_tiny_model():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerscope import assets, data
+from layerscope.data import assets, corpora as data
 from layerscope.errors import AssetMissing, LayerscopeError
 
 # --------------------------------------------------------------------------- helpers

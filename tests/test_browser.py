@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from layerscope.report import render_report
-from layerscope.scan import scan
+from layerscope.metrics.scan import scan
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/report.png")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from layerscope import cli
+from layerscope.cli import app as cli
 from tiny_models import save_tiny, tiny_text
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerscope.adapter import find_parts
+from layerscope.model.adapter import find_parts
 from layerscope.metrics.weights import effective_rank, gram_eigenvalues, outlier_share, power_law_alpha, stable_rank
-from layerscope.scan import scan
+from layerscope.metrics.scan import scan
 from tiny_models import DECODERS, FAMILIES, build, sample_inputs
 
 

@@ -17,16 +17,16 @@ from torch import nn
 
 from conftest import requires_smollm2
 from tiny_models import build, sample_inputs
-from layerscope.adapter import find_parts
-from layerscope.agreement import analyse, correlate, oriented, topk_overlap
-from layerscope.engine import BlockRunner, make_batches
+from layerscope.model.adapter import find_parts
+from layerscope.analysis.agreement import analyse, correlate, oriented, topk_overlap
+from layerscope.engine.runner import BlockRunner, make_batches
 from layerscope.errors import LayerscopeError
-from layerscope.ground_truth.ablation import leave_one_out
-from layerscope.ground_truth.gradients import gradient_statistics, unit_parameters
-from layerscope.ground_truth.relevance import relevance_statistics
+from layerscope.metrics.ground_truth.ablation import leave_one_out
+from layerscope.metrics.ground_truth.gradients import gradient_statistics, unit_parameters
+from layerscope.metrics.ground_truth.relevance import relevance_statistics
 from layerscope.metrics import DEFAULT_METRICS, METRICS
-from layerscope.scan import scan
-from layerscope.scoretable import Provenance, ScoreColumn, ScoreTable
+from layerscope.metrics.scan import scan
+from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
 
 FAMS = ["llama", "gpt2"]
 
@@ -273,7 +273,7 @@ def test_bad_input():
 
 
 def test_agree_rejects_scores_from_another_model(tmp_path):
-    from layerscope.agreement import agree
+    from layerscope.analysis.agreement import agree
 
     path = _table(L=6).to_json(tmp_path / "scores.json")
     with pytest.raises(LayerscopeError, match="6 layers, but this model has 4"):
@@ -283,7 +283,7 @@ def test_agree_rejects_scores_from_another_model(tmp_path):
 
 
 def test_agree_end_to_end_tiny(tmp_path):
-    from layerscope.agreement import agree
+    from layerscope.analysis.agreement import agree
 
     model = build("llama")
     ids = sample_inputs("llama", n=4, seq=16)
@@ -305,7 +305,7 @@ def test_agree_end_to_end_tiny(tmp_path):
 @pytest.mark.slow
 @requires_smollm2
 def test_smollm2_last_block_ablation_small():
-    from layerscope.models import load_model
+    from layerscope.model.loading import load_model
 
     m = load_model(None)
     parts = find_parts(m.model)

@@ -58,7 +58,7 @@ def bert(tok):
 
 
 def _subject(model, tok):
-    from layerscope.probe import load_subject
+    from layerscope.analysis.probes import load_subject
 
     return load_subject(model, tok)
 
@@ -87,7 +87,7 @@ def texts(n=40, seed=3, lo=20, hi=40):
 @pytest.mark.parametrize("which", ["llama", "bert"])
 def test_probe_separable_and_control(which, tok, request):
     from layerscope import probe as P_probe
-    from layerscope.probe import render_probe_section
+    from layerscope.report.sections.probe import render as render_probe_section
 
     model = request.getfixturevalue(which)
     res = P_probe(_subject(model, tok), separable(), n=160, Cs=(0.1, 1.0), poolings=("mean", "last"), seed=0)
@@ -115,7 +115,7 @@ def test_python_api(tok, llama):
 
 
 def test_padding_does_not_change_features(tok, llama):
-    from layerscope.probe import collect_features
+    from layerscope.analysis.probes import collect_features
 
     s = _subject(llama, tok)
     ts = ["the movie was good", "i think the hotel room was very very quite bad and boring"]
@@ -126,7 +126,7 @@ def test_padding_does_not_change_features(tok, llama):
     # decoder: the mean leaves out the first token (attention sink); the last pooling is the last real token
     got = {}
     ids = tok(ts[1])["input_ids"]
-    from layerscope.probe import pad_batch, run_base, tap_layers
+    from layerscope.analysis.probes import pad_batch, run_base, tap_layers
 
     x, m = pad_batch([ids], 0)
     with tap_layers(s.parts, lambda l, h: got.__setitem__(l, h[0].detach())):
@@ -137,7 +137,7 @@ def test_padding_does_not_change_features(tok, llama):
 
 
 def test_wilson_and_depth_rule():
-    from layerscope.probe import concept_depth, wilson_interval
+    from layerscope.analysis.probes import concept_depth, wilson_interval
 
     lo, hi = wilson_interval(50, 100)
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
@@ -158,7 +158,7 @@ def _cka_reference(X, Y):
 
 
 def test_cka_against_numpy_and_invariances():
-    from layerscope.similarity import cka_matrix, linear_cka
+    from layerscope.analysis.similarity import cka_matrix, linear_cka
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 12))
@@ -178,7 +178,8 @@ def test_cka_against_numpy_and_invariances():
 
 @pytest.mark.parametrize("which", ["llama", "bert"])
 def test_layer_similarity_tiny(which, tok, request):
-    from layerscope.similarity import layer_similarity, render_similarity_section
+    from layerscope.analysis.similarity import layer_similarity
+    from layerscope.report.sections.similarity import render as render_similarity_section
 
     model = request.getfixturevalue(which)
     res = layer_similarity(_subject(model, tok), data=texts(), tokens=200, seq_len=32)
@@ -193,7 +194,7 @@ def test_layer_similarity_tiny(which, tok, request):
 
 
 def test_neuron_decoding_matches_direct(tok, llama):
-    from layerscope.neurons import decode_neurons, promoting_neurons
+    from layerscope.analysis.neurons import decode_neurons, promoting_neurons
 
     out = decode_neurons(llama, [1], top_k=5, tokenizer=tok)
     W_U = llama.lm_head.weight.detach()
@@ -222,7 +223,7 @@ def test_neuron_decoding_matches_direct(tok, llama):
 
 
 def test_tuned_lens_identity_equals_logit_lens(tok, llama):
-    from layerscope.lenses import LensHead, Translators, cache_states, evaluate_lenses, lens
+    from layerscope.analysis.lenses import LensHead, Translators, cache_states, evaluate_lenses, lens
 
     s = _subject(llama, tok)
     head = LensHead(s.parts)
@@ -238,7 +239,7 @@ def test_tuned_lens_identity_equals_logit_lens(tok, llama):
 
 
 def test_tuned_lens_trains_and_resumes(tok, llama, tmp_path):
-    from layerscope.lenses import lens, load_tuned_lens
+    from layerscope.analysis.lenses import lens, load_tuned_lens
 
     s = _subject(llama, tok)
     kw = dict(train_data=texts(), eval_data=texts(seed=9), train_tokens=128, eval_tokens=64, seq_len=32,
@@ -266,8 +267,8 @@ def test_tuned_lens_trains_and_resumes(tok, llama, tmp_path):
 
 
 def test_steering_hook_changes_only_from_layer(tok, llama):
-    from layerscope.probe import pad_batch, run_base, tap_layers
-    from layerscope.steer import random_like, steering
+    from layerscope.analysis.probes import pad_batch, run_base, tap_layers
+    from layerscope.actions.steer import random_like, steering
 
     s = _subject(llama, tok)
     ids, mask = pad_batch([tok("the movie was very good")["input_ids"]], 0)
@@ -294,7 +295,8 @@ def test_steering_hook_changes_only_from_layer(tok, llama):
 
 
 def test_steer_api_tiny(tok, llama):
-    from layerscope.steer import render_steer_section, steer
+    from layerscope.report.sections.steer import render as render_steer_section
+    from layerscope.actions.steer import steer
 
     rows = [(t, "positive" if lab == "x" else "negative") for t, lab in separable(64)]
     res = steer(_subject(llama, tok), layer=2, alpha=1.0, data=rows, n=64, seeds=3, compare="every:2")
@@ -313,10 +315,10 @@ def test_steer_api_tiny(tok, llama):
 
 
 def test_bad_inputs(tok, llama, bert, tmp_path):
-    from layerscope.lenses import lens
-    from layerscope.probe import probe
-    from layerscope.neurons import decode_neurons
-    from layerscope.steer import steer
+    from layerscope.analysis.lenses import lens
+    from layerscope.analysis.probes import probe
+    from layerscope.analysis.neurons import decode_neurons
+    from layerscope.actions.steer import steer
 
     s = _subject(llama, tok)
     with pytest.raises(LayerscopeError, match="only one class"):
@@ -351,7 +353,7 @@ def test_bad_inputs(tok, llama, bert, tmp_path):
 
 
 def test_cli_bad_input_one_line(tok, llama, tmp_path, capsys, monkeypatch):
-    from layerscope import cli
+    from layerscope.cli import app as cli
 
     model_dir = tmp_path / "tiny"
     llama.save_pretrained(model_dir, safe_serialization=True)
@@ -374,7 +376,7 @@ def test_cli_bad_input_one_line(tok, llama, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_probe_writes_outputs(tok, llama, tmp_path, monkeypatch, capsys):
-    from layerscope import cli
+    from layerscope.cli import app as cli
 
     model_dir = tmp_path / "tiny"
     llama.save_pretrained(model_dir, safe_serialization=True)
@@ -397,7 +399,7 @@ def test_cli_probe_writes_outputs(tok, llama, tmp_path, monkeypatch, capsys):
 
 
 def _ready(*names):
-    from layerscope import assets
+    from layerscope.data import assets
 
     return all(assets.is_ready(n) for n in names)
 
@@ -405,7 +407,7 @@ def _ready(*names):
 @pytest.mark.slow
 @pytest.mark.skipif(not _ready("minilm", "sentiment"), reason="needs `layerscope assets fetch`")
 def test_real_minilm_probe_small():
-    from layerscope.probe import probe
+    from layerscope.analysis.probes import probe
 
     res = probe("minilm", concepts="sentiment", n=200, poolings=("mean",), Cs=(0.1,))
     acc = res.concepts["sentiment"].poolings["mean"].accuracy
@@ -415,7 +417,7 @@ def test_real_minilm_probe_small():
 @pytest.mark.slow
 @pytest.mark.skipif(not _ready("smollm2", "wikipedia"), reason="needs `layerscope assets fetch`")
 def test_real_smollm2_neurons_and_identity_lens():
-    from layerscope.lenses import lens
+    from layerscope.analysis.lenses import lens
 
     res = lens("smollm2", steps=0, train_tokens=64, eval_tokens=64, neurons=[29], promote=[" good"], top_k=5)
     assert res.tuned_kl == res.logit_kl and res.logit_kl[-1] == pytest.approx(0.0, abs=1e-5)

@@ -18,7 +18,7 @@ import yaml
 
 from layerscope.actions import prune as P
 from layerscope.errors import LayerscopeError
-from layerscope.evaluation import PerplexityProtocol, perplexity, stream_nll, windows
+from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, stream_nll, windows
 
 WORDS = ("the of and to in is was for on as with by at from his her an which or be are this that were "
          "city river king war music art science law house north south old new first year great small").split()
@@ -181,7 +181,7 @@ def test_per_layer_config_lists_are_subset():
 @pytest.mark.parametrize("family", DECODERS + ("bert",))
 @pytest.mark.parametrize("unit", ["attention", "mlp"])
 def test_sublayer_prune_zeroed_equals_fast_equals_hooks(models, family, unit, tmp_path):
-    from layerscope import fast
+    from layerscope.model import fast
 
     src = models[family]
     remove = [0, 2]
@@ -206,7 +206,7 @@ def test_sublayer_prune_zeroed_equals_fast_equals_hooks(models, family, unit, tm
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_fast_path_generation_matches_with_kv_cache(models, family, tmp_path):
-    from layerscope import fast
+    from layerscope.model import fast
 
     out = tmp_path / "pruned"
     P.prune(str(models[family]), units=[0, 3], unit="attention", out=out)
@@ -255,7 +255,7 @@ def test_stream_nll_matches_direct_computation(models):
 # ------------------------------------------------------------------------------------- CLI
 
 def run_cli(args, monkeypatch, capsys):
-    from layerscope import cli
+    from layerscope.cli import app as cli
 
     monkeypatch.setattr(sys, "argv", ["layerscope", *map(str, args)])
     with pytest.raises(SystemExit) as exc:
@@ -267,7 +267,7 @@ def run_cli(args, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def scores(models, tmp_path_factory):
-    from layerscope.scan import scan
+    from layerscope.metrics.scan import scan
 
     model = load_plain(models["llama"])
     ids = torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(7))
@@ -320,7 +320,7 @@ def test_bad_input_one_line_no_traceback(models, scores, tmp_path, monkeypatch, 
 
 
 def test_prune_cli_by_metric_and_iterative(models, scores, textfile, tmp_path, monkeypatch, capsys):
-    from layerscope.scoretable import ScoreTable
+    from layerscope.metrics.table import ScoreTable
 
     src = models["llama"]
     table = ScoreTable.from_json(scores)
@@ -377,7 +377,7 @@ def test_sweep_cli_and_in_memory_equals_written_dir(models, scores, textfile, tm
 def test_greedy_order_picks_the_cheapest_removal(models):
     import torch.nn.functional as F
 
-    from layerscope.sweep import greedy_order
+    from layerscope.evaluation.sweep import greedy_order
 
     model = load_plain(models["gpt2"])
     ids = torch.randint(4, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
@@ -437,7 +437,7 @@ def test_encoder_eval_embedding_fidelity(models, textfile, tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------- real model
 
 def _ready(name: str) -> bool:
-    from layerscope import assets
+    from layerscope.data import assets
 
     return assets.is_ready(name) and assets.is_ready("wikipedia")
 
@@ -445,7 +445,7 @@ def _ready(name: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _ready("smollm2"), reason="SmolLM2 asset not prepared")
 def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
-    from layerscope.models import load_model
+    from layerscope.model.loading import load_model
 
     loaded = load_model(None)
     proto = PerplexityProtocol(max_tokens=1024, context_length=256, stride=256)
@@ -461,8 +461,8 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
 
 
 def test_sweep_uses_ground_truth_greedy_order_when_present():
-    from layerscope.scoretable import Provenance, ScoreColumn, ScoreTable
-    from layerscope.sweep import ground_truth_order, parse_orders, parse_range
+    from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
+    from layerscope.evaluation.sweep import ground_truth_order, parse_orders, parse_range
 
     table = ScoreTable(provenance=Provenance(model_id="m", model_family="llama", num_layers=6, layerscope_version="x"))
     assert ground_truth_order(table, "block") is None
@@ -478,11 +478,11 @@ def test_sweep_uses_ground_truth_greedy_order_when_present():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (_ready("minilm") and __import__("layerscope.assets").assets.is_ready("sentiment")),
+@pytest.mark.skipif(not (_ready("minilm") and __import__("layerscope.data.assets").data.assets.is_ready("sentiment")),
                     reason="MiniLM / sentiment assets not prepared")
 def test_minilm_block_pruned_embedding_fidelity(tmp_path):
-    from layerscope.evaluation import EmbeddingProtocol, embedding_fidelity
-    from layerscope.models import load_model
+    from layerscope.evaluation.perplexity import EmbeddingProtocol, embedding_fidelity
+    from layerscope.model.loading import load_model
 
     out = tmp_path / "minilm"
     P.prune("minilm", units=[2], out=out)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from layerscope.errors import LayerscopeError
-from layerscope.quant import allocate as al
-from layerscope.quant import backend as qb
-from layerscope.quant import export as qe
+from layerscope.plans import allocate as al
+from layerscope.compress import quant as qb
+from layerscope.actions.export import quant as qe
 
 hqq = pytest.importorskip("hqq")
 
@@ -38,7 +38,7 @@ def tiny_llama(layers: int = 4, hidden: int = 64, inter: int = 128, seed: int = 
 
 @pytest.fixture(scope="module")
 def llama():
-    from layerscope.adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     m = tiny_llama()
     return m, find_parts(m)
@@ -76,7 +76,7 @@ def test_storage_formulas():
 
 
 def test_hqq_model_save_load_roundtrip(tmp_path):
-    from layerscope.adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     m = tiny_llama(layers=4)
     parts = find_parts(m)
@@ -218,7 +218,7 @@ def test_bad_inputs_raise(llama):
 def test_layer_the_library_cannot_quantize():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from layerscope.adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     g = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
     parts = find_parts(g)
@@ -230,7 +230,7 @@ def test_layer_the_library_cannot_quantize():
 
 
 def run_cli(args, capsys):
-    from layerscope import cli
+    from layerscope.cli import app as cli
 
     old = sys.argv
     sys.argv = ["layerscope", *args]
@@ -330,8 +330,8 @@ def test_exports_parse_with_the_tools(llama, tmp_path):
 
 # --------------------------------------------------------------------------- sensitivity metric
 def test_quant_sensitivity_prefix_reuse_equals_naive():
-    from layerscope.quant.sensitivity import kl_from_details, naive_quant_sensitivity
-    from layerscope.scan import scan
+    from layerscope.metrics.ground_truth.quant_sensitivity import kl_from_details, naive_quant_sensitivity
+    from layerscope.metrics.scan import scan
 
     m = tiny_llama(layers=3)
     ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -353,8 +353,9 @@ def test_quant_sensitivity_not_default():
 
 
 def test_sweep_on_tiny_model():
-    from layerscope.evaluation import PerplexityProtocol
-    from layerscope.quant.sweep import Evaluator, random_orderings, render_section, run_sweep, sweep_table_text
+    from layerscope.evaluation.perplexity import PerplexityProtocol
+    from layerscope.evaluation.quant_sweep import Evaluator, random_orderings, run_sweep, sweep_table_text
+    from layerscope.report.sections.quantization import render as render_section
 
     m = tiny_llama(layers=4)
     ids = torch.randint(0, 96, (256,), generator=torch.Generator().manual_seed(2))
@@ -370,7 +371,7 @@ def test_sweep_on_tiny_model():
     class T:  # minimal table stand-in for the report section
         extras = {}
 
-    from layerscope.quant.sweep import attach
+    from layerscope.evaluation.quant_sweep import attach
 
     attach(T, sweep=res)
     assert "Sweep" in render_section(T)
@@ -379,7 +380,7 @@ def test_sweep_on_tiny_model():
 # --------------------------------------------------------------------------- real model (slow)
 def _assets_ready() -> bool:
     try:
-        from layerscope.assets import is_ready
+        from layerscope.data.assets import is_ready
 
         return is_ready("smollm2") and is_ready("wikipedia")
     except Exception:
@@ -391,7 +392,7 @@ def _assets_ready() -> bool:
 def test_smollm2_layer_fake_quant_equals_hqq():
     from hqq.core.quantize import HQQLinear
 
-    from layerscope.models import load_model
+    from layerscope.model.loading import load_model
 
     lm = load_model(None, tokenizer=False)
     lin = lm.model.model.layers[7].mlp.down_proj

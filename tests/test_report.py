@@ -19,8 +19,8 @@ from layerscope.report import (
     unregister_section,
     write_report,
 )
-from layerscope.scan import scan
-from layerscope.scoretable import Provenance, ScoreColumn, ScoreTable
+from layerscope.metrics.scan import scan
+from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
 
 PLOTLY_BUNDLE = re.compile(r'<script id="ls-plotlyjs">.*?</script>', re.S)
 CHART_DIV = re.compile(r'<div class="ls-chart" id="([^"]+)" data-chart="([^"]+)"')

@@ -15,14 +15,14 @@ pytestmark = [pytest.mark.slow, requires_smollm2]
 
 @pytest.fixture(scope="module")
 def smol():
-    from layerscope.models import load_model
+    from layerscope.model.loading import load_model
 
     return load_model(None)
 
 
 def test_block_influence_on_real_model_matches_hooks(smol):
     """BI of all 30 blocks (last included) equals 1 - cos from forward hooks on a plain forward, to 1e-5."""
-    from layerscope.scan import prepare_tokens, scan
+    from layerscope.metrics.scan import prepare_tokens, scan
 
     ids, _ = prepare_tokens(smol.tokenizer, "wikipedia", 1024, 256)
     table = scan(smol.model, ids, ["block_influence", "logit_lens"], tokenizer=smol.tokenizer, lens_tokens=64)
@@ -48,7 +48,7 @@ def test_scan_cli_on_default_model(tmp_path, monkeypatch, capsys):
     """`layerscope scan` with no MODEL scans the embedded default and writes the three outputs."""
     import sys
 
-    from layerscope import cli
+    from layerscope.cli import app as cli
 
     out = tmp_path / "scan"
     monkeypatch.setattr(sys, "argv", ["layerscope", "scan", "--tokens", "512", "--seq-len", "256", "--out", str(out)])

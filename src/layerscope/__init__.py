@@ -4,22 +4,20 @@ The Python API mirrors the CLI verbs: scan, agree, prune, evaluate, sweep, quant
 """
 __version__ = "0.1.0"
 
-# Functions that share their name with their module are bound eagerly, so that `layerscope.scan`
-# is the function even after `layerscope.scan` (the module) has been imported elsewhere.
-from .probe import probe  # noqa: E402
-from .scan import scan  # noqa: E402
-from .steer import steer  # noqa: E402
-
+# The API is bound lazily: `import layerscope` stays cheap and imports no torch until a verb is used.
 _LAZY = {
-    "ScoreTable": ("scoretable", "ScoreTable"),
-    "load_model": ("models", "load_model"),
-    "find_parts": ("adapter", "find_parts"),
-    "agree": ("agreement", "agree"),
-    "lens": ("lenses", "lens"),
+    "scan": ("metrics.scan", "scan"),
+    "ScoreTable": ("metrics.table", "ScoreTable"),
+    "load_model": ("model.loading", "load_model"),
+    "find_parts": ("model.adapter", "find_parts"),
+    "agree": ("analysis.agreement", "agree"),
+    "probe": ("analysis.probes", "probe"),
+    "lens": ("analysis.lenses", "lens"),
     "prune": ("actions.prune", "prune"),
-    "quantize": ("commands.quantize", "quantize"),
-    "load": ("fast", "load"),
-    "perplexity": ("evaluation", "perplexity"),
+    "quantize": ("cli.commands.quantize", "quantize"),
+    "steer": ("actions.steer", "steer"),
+    "load": ("model.fast", "load"),
+    "perplexity": ("evaluation.perplexity", "perplexity"),
     "render_report": ("report", "render_report"),
     "LayerscopeError": ("errors", "LayerscopeError"),
 }
@@ -36,4 +34,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'layerscope' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "scan", "probe", "steer", *_LAZY]
+__all__ = ["__version__", *_LAZY]

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import LayerscopeError
+from layerscope.errors import LayerscopeError
 
 UNITS = ("block", "attention", "mlp")
 PRUNED_JSON = "layerscope_pruned.json"
@@ -102,7 +102,7 @@ def check_count(k: int, n_units: int, unit: str) -> None:
 
 def check_output(out: Path, source_dir: Path | None, force: bool) -> None:
     """Refuse an existing output (without force) and any output that overlaps the source model."""
-    from ..io import is_inside
+    from layerscope.outputs import is_inside
 
     if source_dir is not None:
         if is_inside(out, source_dir):
@@ -177,7 +177,7 @@ def _owner(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def apply_block_removal(model: nn.Module, remove: Sequence[int]) -> dict[str, Any]:
     """Remove blocks in place (permanently): ModuleList, layer_idx and config. Returns config changes."""
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     n = parts.num_layers
@@ -204,7 +204,7 @@ def blocks_removed(model: nn.Module, remove: Sequence[int]) -> Iterator[nn.Modul
 
     Computes exactly what loading a directory written by `prune --unit block` computes.
     """
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     n = parts.num_layers
@@ -249,7 +249,7 @@ def zero_sublayers(model: nn.Module, unit: str, indices: Sequence[int]) -> list[
     Returns the names of the zeroed parameters. The sublayer then adds exactly zero to the
     residual stream (post-sublayer RMS norms map zero to zero).
     """
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -271,7 +271,7 @@ def sublayers_ablated(model: nn.Module, unit: str, indices: Sequence[int]) -> It
     For pre-LN families the hook is on the attention/MLP module itself; for post-LN encoders
     (BERT-like: the attention module contains the residual LayerNorm) on the output projection.
     """
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     handles = []
@@ -311,7 +311,7 @@ def removed(model: nn.Module, unit: str, indices: Sequence[int]) -> Iterator[nn.
 
 
 def num_units(model: nn.Module, unit: str) -> int:
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     return find_parts(model).num_layers
 
@@ -320,7 +320,7 @@ def num_units(model: nn.Module, unit: str) -> int:
 
 def source_metric(column: str) -> str | None:
     """The registered metric that produces score column `column` (None if unknown)."""
-    from ..metrics import METRICS
+    from layerscope.metrics import METRICS
 
     base = column.split("@", 1)[0]
     if base in METRICS:
@@ -330,7 +330,7 @@ def source_metric(column: str) -> str | None:
 
 
 def _scan(model: nn.Module, tokenizer: Any, by: str, scan_options: dict[str, Any], base_table=None):
-    from ..scan import scan
+    from layerscope.metrics.scan import scan
 
     metric = source_metric(by)
     if metric is not None:
@@ -421,7 +421,7 @@ def removed_in_memory(model: nn.Module, unit: str, indices: Sequence[int]) -> It
         with removed(model, unit, indices) as m:
             yield m
         return
-    from ..adapter import find_parts
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     saved = []
@@ -552,9 +552,9 @@ def write_pruned(model: nn.Module, tokenizer: Any, unit: str, selection: Selecti
                  source_id: str, source_dir: Path | None, weights_sha256: str | None,
                  force: bool = False) -> PruneResult:
     """Remove `selection.removed` from `model` (in place: the model is changed) and write `out`."""
-    from .. import __version__
-    from ..adapter import find_parts
-    from ..io import atomic_directory, write_json_atomic
+    from layerscope import __version__
+    from layerscope.model.adapter import find_parts
+    from layerscope.outputs import atomic_directory, write_json_atomic
 
     check_unit(unit)
     out = Path(out)
@@ -602,8 +602,8 @@ def prune(model: str | None = None, *, out: str | Path, remove: int | None = Non
           iterative: bool = False, force: bool = False, scan_options: dict[str, Any] | None = None,
           trust_remote_code: bool = False) -> PruneResult:
     """Remove K units (the least important by `by`, or the explicit `units`) and write a model to `out`."""
-    from ..models import load_model, resolve
-    from ..scoretable import ScoreTable
+    from layerscope.model.loading import load_model, resolve
+    from layerscope.metrics.table import ScoreTable
 
     check_unit(unit)
     if units is None and remove is None:
@@ -613,7 +613,7 @@ def prune(model: str | None = None, *, out: str | Path, remove: int | None = Non
     if units is None and by is None:
         raise LayerscopeError("--remove K needs --by METRIC (a score column, e.g. block_influence)")
     if units is None and by is not None and scores is None and source_metric(by) is None:
-        from ..metrics import METRICS
+        from layerscope.metrics import METRICS
 
         raise LayerscopeError(f"unknown metric '{by}' (known: {', '.join(sorted(METRICS))}; or pass --scores)")
     if remove is not None and remove < 1:

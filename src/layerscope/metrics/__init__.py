@@ -1,18 +1,6 @@
-"""Registered metrics. Importing this package registers every built-in metric."""
-from .base import METRICS, BlockObservation, Column, Metric, ScanContext, register  # noqa: F401
-from . import activations, heads, lens, representation, weights  # noqa: F401
-from ..quant import sensitivity as _quant_sensitivity  # noqa: F401,E402  (quant_sensitivity, not a default)
-from ..ground_truth import ablation as _gt  # noqa: F401,E402  (ground truth: ablation, taylor, fisher, ...)
+"""Metrics: small units that keep streaming statistics while the engine runs each block.
 
-# The one-pass default scan.
-DEFAULT_METRICS = (
-    "block_influence",
-    "angular_distance",
-    "relative_contribution",
-    "hidden_growth",
-    "logit_lens",
-    "massive_activations",
-    "mlp_sparsity",
-    "attention_heads",
-    "weights",
-)
+`registry.METRICS` maps every metric name to its class (imported lazily); `scan` runs them.
+"""
+from layerscope.metrics.base import BlockObservation, Column, Metric, ScanContext  # noqa: F401
+from layerscope.metrics.registry import DEFAULT_METRICS, METRICS  # noqa: F401

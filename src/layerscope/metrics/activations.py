@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Accumulator, BlockObservation, Column, Metric, register
+from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
 
 
-@register
 class MassiveActivations(Metric):
     """Massive activations: max |a| / median |a| of each block's output hidden state, with where the
     maximum sits (token position, feature dimension) and the dimensions that carry the largest values.
@@ -58,7 +57,6 @@ class MassiveActivations(Metric):
         return [self.column("block", ratio, per_layer=per_layer)]
 
 
-@register
 class MLPSparsity(Metric):
     """MLP activation sparsity: share of intermediate activations (the input of the MLP's down
     projection) whose magnitude is below `threshold` x that token's largest intermediate magnitude.

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from ..errors import LayerscopeError
+from layerscope.errors import LayerscopeError
 
 if TYPE_CHECKING:
-    from ..adapter import ModelParts
-    from ..engine import BlockRunner
+    from layerscope.model.adapter import ModelParts
+    from layerscope.engine.runner import BlockRunner
 
 Unit = Literal["block", "attention", "mlp", "head"]
 Direction = Literal["higher", "lower"] | None  # which values mean "more important"; None: descriptive
@@ -126,16 +126,6 @@ def _clean(v: Any) -> Any:
         return None
     f = float(v)
     return f if f == f and abs(f) != float("inf") else None
-
-
-METRICS: dict[str, type[Metric]] = {}
-
-
-def register(cls: type[Metric]) -> type[Metric]:
-    if cls.name in METRICS:
-        raise ValueError(f"metric '{cls.name}' registered twice")
-    METRICS[cls.name] = cls
-    return cls
 
 
 def token_mean(x: torch.Tensor) -> tuple[float, int]:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockObservation, Column, Metric, register
+from layerscope.metrics.base import BlockObservation, Column, Metric
 
 
-@register
 class AttentionHeads(Metric):
     """Per head: attention entropy, attention-sink mass on the first token, relative output norm,
     and a dormant flag.

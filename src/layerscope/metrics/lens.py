@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import BlockObservation, Column, Metric, register
+from layerscope.metrics.base import BlockObservation, Column, Metric
 
 
-@register
 class LogitLens(Metric):
     """Logit lens on a fixed random subsample of token positions.
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Accumulator, BlockObservation, Column, Metric, register
+from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
 
 
 def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,6 @@ class _PerUnitMetric(Metric):
         return [self.column(u, a.mean()) for u, a in self.acc.items()]
 
 
-@register
 class BlockInfluence(_PerUnitMetric):
     """Block Influence: BI = 1 - E_t[cos(x_in, x_out)] per block, attention and MLP sublayer.
 
@@ -54,7 +53,6 @@ class BlockInfluence(_PerUnitMetric):
         return one_minus_cos(x_in, x_out)
 
 
-@register
 class AngularDistance(Metric):
     """Angular distance d(x_l, x_{l+n}) = arccos(cos(x_l, x_{l+n})) / pi between the inputs of
     block l and block l+n, averaged over all tokens (the paper uses the last token).
@@ -97,7 +95,6 @@ class AngularDistance(Metric):
         ]
 
 
-@register
 class RelativeContribution(_PerUnitMetric):
     """Relative contribution ||f(x)|| / ||x||: the norm of what a block / sublayer adds to the
     residual stream, relative to the stream it reads, per token.
@@ -114,7 +111,6 @@ class RelativeContribution(_PerUnitMetric):
         return delta.double().norm(dim=-1) / x_in.double().norm(dim=-1).clamp_min(1e-12)
 
 
-@register
 class HiddenStateGrowth(Metric):
     """Hidden-state norm and variance of each block's output and the per-block norm growth
     ||x_out|| / ||x_in||.

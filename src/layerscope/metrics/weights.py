@@ -7,10 +7,10 @@ import math
 import numpy as np
 import torch
 
-from ..adapter import linear_weight
-from ..errors import NumericalError
-from ..io import write_json_atomic
-from .base import Column, Metric, register
+from layerscope.model.adapter import linear_weight
+from layerscope.errors import NumericalError
+from layerscope.outputs import write_json_atomic
+from layerscope.metrics.base import Column, Metric
 
 
 def _jsonable(rows):
@@ -77,7 +77,6 @@ def outlier_share(w: torch.Tensor, z: float = 1.0) -> float:
     return float(((w - w.mean()).abs() / std > z).double().mean())
 
 
-@register
 class WeightSpectrum(Metric):
     """Outlier share (ZD), stable rank, effective rank and power-law alpha of each linear layer's
     singular values, aggregated per block and per attention / MLP sublayer. No data needed.
@@ -110,7 +109,7 @@ class WeightSpectrum(Metric):
         self.cached = False
         sha = ctx.options.get("weights_sha256")
         if sha and ctx.options.get("weights_cache", True):  # weight statistics depend on the weights alone: reuse them across scans
-            from ..paths import cache_root
+            from layerscope.paths import cache_root
 
             self.cache_file = cache_root() / "weights" / f"{sha}-v{self.CACHE_VERSION}.json"
             try:

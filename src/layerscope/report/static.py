@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..scoretable import ScoreTable
-from . import (
+from layerscope.metrics.table import ScoreTable
+from layerscope.report.figures import (
     UNIT_LABEL,
     column_values,
     depth_groups,

@@ -1,0 +1,1 @@
+"""Analyses built on scores and features: agreement with ground truth, probes, layer similarity, lenses, neurons."""

@@ -1,0 +1,79 @@
+"""`layerscope scan`: score every layer in one pass and write scores.json, scores.csv, report.html."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from layerscope.errors import LayerscopeError
+
+
+def write_scan_outputs(table, out: Path, model_dir: Path | None = None) -> dict[str, Path]:
+    """Write the score table (JSON, CSV) and the HTML report into `out`, atomically as a whole."""
+    from layerscope.outputs import atomic_directory, is_inside
+    from layerscope.report import render_report
+
+    if model_dir is not None and is_inside(out, model_dir):
+        raise LayerscopeError(f"output {out} is inside the source model directory {model_dir}; choose another --out")
+    with atomic_directory(out, force=True) as tmp:
+        table.to_json(tmp / "scores.json")
+        table.to_csv(tmp / "scores.csv")
+        (tmp / "report.html").write_text(render_report(table), encoding="utf-8")
+    return {k: out / f for k, f in (("json", "scores.json"), ("csv", "scores.csv"), ("html", "report.html"))}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("scan")
+    def scan_cmd(
+        model: Optional[str] = typer.Argument(None, help="Local model directory, hub id, or 'smollm2'/'minilm'. Default: embedded SmolLM2-135M-Instruct."),
+        data: Optional[str] = typer.Option(None, "--data", help="Calibration text: 'wikipedia' (default), 'shakespeare', or a .txt/.jsonl/.csv file."),
+        metrics: Optional[list[str]] = typer.Option(None, "--metrics", "-m", help="Metric names (comma-separated or repeated); 'default' or 'all'."),
+        tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
+        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+        batch_size: int = typer.Option(4, "--batch-size", help="Sequences per batch."),
+        attn_seqs: int = typer.Option(2, "--attn-seqs", help="Sequences run with eager attention for per-head statistics."),
+        lens_tokens: Optional[int] = typer.Option(None, "--lens-tokens", help="Token positions sampled for the logit lens (default: 1/32 of the tokens, 64..1024)."),
+        seed: int = typer.Option(0, "--seed"),
+        out: Path = typer.Option(Path("layerscope-out"), "--out", "-o", help="Output directory."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the model repository."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    ) -> None:
+        """Score every block, attention/MLP sublayer and head in one block-sequential pass."""
+        from rich.console import Console
+
+        from layerscope.model.loading import resolve
+        from layerscope.metrics.scan import resolve_metrics, scan
+
+        if tokens < 1 or seq_len < 2 or batch_size < 1 or attn_seqs < 0 or (lens_tokens is not None and lens_tokens < 1):
+            raise LayerscopeError("--tokens, --seq-len, --batch-size and --lens-tokens must be positive")
+        names = resolve_metrics(metrics)
+        _, model_dir = resolve(model)
+        table = scan(model, data, names, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                     attn_seqs=attn_seqs, lens_tokens=lens_tokens, seed=seed,
+                     trust_remote_code=trust_remote_code, progress=not quiet)
+        paths = write_scan_outputs(table, out, model_dir)
+        if not quiet:
+            print_summary(Console(stderr=False), table)
+        typer.echo(f"wrote {paths['json']}, {paths['csv']}, {paths['html']}")
+
+
+def print_summary(console, table, k: int = 5) -> None:
+    """The k least important blocks by every ranking metric."""
+    from rich.table import Table
+
+    p = table.provenance
+    console.print(f"[bold]{p.model_id}[/] ({p.model_family}, {p.num_layers} blocks) on {p.calibration_source}, "
+                  f"{p.calibration_tokens} tokens, {p.wall_time_s:.1f} s")
+    t = Table(title=f"{k} least important units per metric (least first)")
+    t.add_column("metric")
+    t.add_column("unit")
+    t.add_column("direction")
+    t.add_column("least important")
+    for name, col in table.columns.items():
+        if col.direction is None or col.unit == "head":
+            continue
+        t.add_row(col.metric, col.unit, col.direction, ", ".join(map(str, table.least_important(name, k))))
+    console.print(t)
+    for m, why in p.skipped.items():
+        console.print(f"skipped {m}: {why}")

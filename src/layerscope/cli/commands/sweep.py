@@ -1,0 +1,108 @@
+"""`layerscope sweep`: perplexity against the number of removed units for several orderings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from layerscope.errors import LayerscopeError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sweep")
+    def sweep_cmd(
+        model: Optional[str] = typer.Argument(None, help="Local model directory, hub id, or 'smollm2'. Default: embedded SmolLM2-135M-Instruct."),
+        unit: str = typer.Option("block", "--unit", help="block, attention or mlp."),
+        remove: str = typer.Option("0..4", "--remove", help="Numbers of removed units: K or A..B."),
+        orders: str = typer.Option("default", "--orders", help="Comma list: METRIC, reverse[:METRIC], random:N, greedy; 'default' = every ranking metric + reverse + random:5 + greedy."),
+        scores: Optional[Path] = typer.Option(None, "--scores", help="scores.json from `layerscope scan` (else a scan runs now)."),
+        dataset: str = typer.Option("wikipedia", "--dataset", help="Evaluation text: 'wikipedia', 'shakespeare' or a file."),
+        split: str = typer.Option("evaluation", "--split", help="Split of a built-in corpus."),
+        tokens: int = typer.Option(16384, "--tokens", help="Evaluated tokens."),
+        context: int = typer.Option(512, "--context", help="Context length of each perplexity window."),
+        stride: Optional[int] = typer.Option(None, "--stride", help="Window stride (default: the context length)."),
+        batch_size: int = typer.Option(4, "--batch-size"),
+        greedy_tokens: int = typer.Option(2048, "--greedy-tokens", help="Calibration tokens for the greedy reference order."),
+        greedy_data: str = typer.Option("wikipedia", "--greedy-data", help="Text for the greedy order (its calibration split)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random orders."),
+        out: Path = typer.Option(Path("layerscope-sweep"), "--out", "-o", help="Output directory."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+        quiet: bool = typer.Option(False, "--quiet", "-q"),
+    ) -> None:
+        """Perplexity vs number of removed units for metric, reverse, random and greedy orders (JSON + chart)."""
+        from layerscope.actions.prune import (
+            check_output,
+            check_unit,
+            config_layers,
+            quiet_transformers,
+            source_dtype,
+            source_metric,
+        )
+        from layerscope.evaluation.perplexity import PerplexityProtocol
+        from layerscope.model.loading import load_model, resolve
+        from layerscope.metrics.table import ScoreTable
+        from layerscope.evaluation import sweep as sw
+
+        check_unit(unit)
+        quiet_transformers()
+        specs = sw.parse_orders(orders)
+        protocol = PerplexityProtocol(dataset=dataset, split=split, context_length=context,
+                                      stride=stride or context, max_tokens=tokens, batch_size=batch_size)
+        if protocol.stride > protocol.context_length or protocol.stride < 1 or tokens < 2 or batch_size < 1:
+            raise LayerscopeError("--stride must be between 1 and --context; --tokens and --batch-size must be positive")
+        _, source_dir = resolve(model)
+        check_output(out, source_dir, force)
+        n_cfg = config_layers(source_dir)
+        if n_cfg is not None:
+            sw.parse_range(remove, n_cfg, unit)
+        table = ScoreTable.from_json(scores) if scores is not None else None
+        for s in specs:
+            if s.kind == "metric" and table is not None:
+                table.column(s.arg, unit)
+            elif s.kind == "metric" and source_metric(s.arg) is None:
+                from layerscope.metrics import METRICS
+
+                raise LayerscopeError(f"unknown metric '{s.arg}' (known: {', '.join(sorted(METRICS))}; or pass --scores)")
+        loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=source_dtype(source_dir))
+        from layerscope.actions.prune import num_units
+
+        ks = sw.parse_range(remove, num_units(loaded.model, unit), unit)
+        log = (lambda s: None) if quiet else (lambda s: typer.echo(s, err=True))
+        needs_table = any(s.kind in ("metric", "default", "metrics", "reverse") for s in specs)
+        if table is None and needs_table:
+            from layerscope.metrics.scan import scan
+
+            names = sorted({source_metric(s.arg) for s in specs if s.kind == "metric"})
+            metrics = None if any(s.kind in ("default", "metrics") for s in specs) or not names else names
+            log(f"scanning {loaded.model_id} ({'default metrics' if metrics is None else ', '.join(metrics)}) ...")
+            table = scan(loaded.model, None, metrics, tokenizer=loaded.tokenizer)
+        res = sw.run_sweep(loaded.model, loaded.tokenizer, unit=unit, ks=ks, orders=specs, table=table,
+                           protocol=protocol, greedy_tokens=greedy_tokens, greedy_data=greedy_data, seed=seed,
+                           model_id=loaded.model_id, weights_sha256=loaded.weights_sha256, log=log)
+        written = write_sweep_outputs(res, table, out, force)
+        typer.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
+    """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
+    from layerscope.outputs import atomic_directory, write_json_atomic
+    from layerscope.evaluation import sweep as sw
+
+    names = ["sweep.json", "sweep.png"]
+    with atomic_directory(out, force=force) as tmp:
+        write_json_atomic(tmp / "sweep.json", res)
+        sw.save_png(res, tmp / "sweep.png")
+        if table is not None:
+            table.extras[sw.SWEEP_KEY] = res
+            table.to_json(tmp / "scores.json")
+            names.append("scores.json")
+            try:
+                from layerscope.report import render_report
+            except ImportError:
+                render_report = None
+            if render_report is not None:
+                (tmp / "report.html").write_text(render_report(table), encoding="utf-8")
+                names.append("report.html")
+    return [out / n for n in names]

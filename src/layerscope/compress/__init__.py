@@ -1,0 +1,1 @@
+"""Compression primitives shared by measurement and actions (fake quantization, ...)."""

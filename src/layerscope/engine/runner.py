@@ -1,0 +1,185 @@
+"""Block-sequential execution.
+
+The inputs of every block (hidden states plus the keyword arguments a block needs: masks, position
+embeddings, ...) are captured once by running the embedding part of the model with the blocks
+replaced by recorders. After that the calibration batches are pushed through one block at a time,
+so only one layer's activations are alive and a model could be streamed block by block.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from layerscope.model.adapter import ModelParts
+from layerscope.errors import LayerscopeError, NumericalError
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Batch:
+    """One calibration batch: model inputs and, per block, the extra arguments that block receives."""
+
+    inputs: dict[str, torch.Tensor]
+    eager: bool = False  # run with eager attention so attention probabilities are observable
+    block_args: list[tuple[tuple, dict]] = field(default_factory=list)
+    first_hidden: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+
+def _model_configs(parts: ModelParts) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in [parts.model, *parts.blocks.modules()]:
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+@contextmanager
+def attention_implementation(parts: ModelParts, impl: str) -> Iterator[None]:
+    """Temporarily switch the attention kernel (eager returns probabilities, SDPA is faster)."""
+    configs = _model_configs(parts)
+    before = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = impl
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c._attn_implementation = b
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    if "hidden_states" not in kwargs:
+        raise LayerscopeError("could not find the hidden states among a block's inputs")
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+class BlockRunner:
+    """Runs a model's blocks one at a time over captured calibration batches.
+
+    `batches` hold the inputs of the first block and the per-block arguments; `forward_block`
+    evaluates one block on one batch. Metrics, ablation and lenses all build on these two.
+    """
+
+    def __init__(self, parts: ModelParts, batches: list[dict[str, torch.Tensor]], eager_batches: int = 0):
+        self.parts = parts
+        self.model = parts.model
+        self.batches = [Batch(inputs=b, eager=i < eager_batches) for i, b in enumerate(batches)]
+        self._returns_tuple: bool | None = None
+        self._default_impl = next(
+            (c._attn_implementation for c in _model_configs(parts) if c._attn_implementation), "eager"
+        )
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ capture
+    def _impl(self, batch: Batch) -> str:
+        return "eager" if batch.eager else self._default_impl
+
+    def _call_base(self, inputs: dict[str, torch.Tensor]) -> None:
+        base = self.parts.base_model()
+        kwargs = {k: v.to(self.device) for k, v in inputs.items()}
+        try:
+            base(**kwargs, use_cache=False)
+        except TypeError as exc:
+            if "use_cache" not in str(exc):
+                raise
+            base(**kwargs)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record every block's inputs for every batch with one cheap embedding-only pass."""
+        blocks = self.parts.blocks
+        for batch in self.batches:
+            records: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
+
+            def make_recorder(i: int) -> Callable:
+                def recorder(*args: Any, **kwargs: Any) -> Any:
+                    h, rest, kw = _split_hidden(args, kwargs)
+                    records[i] = (h, rest, kw)
+                    if self._returns_tuple is None:
+                        raise _StopForward
+                    return (h,) if self._returns_tuple else h
+
+                return recorder
+
+            with attention_implementation(self.parts, self._impl(batch)):
+                if self._returns_tuple is None:
+                    # Learn once whether blocks return a tensor or a tuple (recorders must mimic it).
+                    self._with_recorders(blocks, make_recorder, batch.inputs)
+                    h, rest, kw = records[0]
+                    out = blocks[0](h, *rest, **kw)
+                    self._returns_tuple = isinstance(out, tuple)
+                    records.clear()
+                self._with_recorders(blocks, make_recorder, batch.inputs)
+            if len(records) != len(blocks):
+                raise LayerscopeError(
+                    f"only {len(records)} of {len(blocks)} blocks were reached by the model's forward pass"
+                )
+            batch.first_hidden = records[0][0].detach()
+            batch.block_args = [(records[i][1], records[i][2]) for i in range(len(blocks))]
+
+    def _with_recorders(self, blocks: nn.ModuleList, make_recorder: Callable, inputs: dict) -> None:
+        for i, b in enumerate(blocks):
+            b.forward = make_recorder(i)
+        try:
+            self._call_base(inputs)
+        except _StopForward:
+            pass
+        finally:
+            for b in blocks:
+                del b.forward
+
+    # ------------------------------------------------------------------ execution
+    def forward_block(self, i: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        args, kwargs = batch.block_args[i]
+        with attention_implementation(self.parts, self._impl(batch)):
+            out = self.parts.blocks[i](h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head (+ the family's logit soft-capping), as the model itself applies."""
+        if self.parts.head is None:
+            raise LayerscopeError("this model has no output head (load it as a causal LM for lens metrics)")
+        x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
+        logits = self.parts.head(x.to(self.parts.head.weight.dtype))
+        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    @staticmethod
+    def check_finite(h: torch.Tensor, where: str) -> None:
+        if not torch.isfinite(h.sum()):  # NaN/Inf anywhere makes the sum non-finite; cheaper than isfinite(h).all()
+            raise NumericalError(f"non-finite activations (NaN/Inf) at {where}")
+
+
+def make_batches(
+    inputs: dict[str, torch.Tensor] | torch.Tensor, batch_size: int, eager_seqs: int = 0
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Split model inputs (token ids [N, T], or a dict of tensors with a leading sequence axis such
+    as pixel_values) into batches; the first `eager_seqs` sequences form their own batch.
+
+    Returns (batches, number of leading batches to run with eager attention).
+    """
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
+    n = next(iter(inputs.values())).shape[0]
+    eager_seqs = max(0, min(eager_seqs, n))
+    bounds = ([(0, eager_seqs)] if eager_seqs else []) + [
+        (s, min(s + batch_size, n)) for s in range(eager_seqs, n, batch_size)]
+    return [{k: v[a:b] for k, v in inputs.items()} for a, b in bounds], (1 if eager_seqs else 0)

@@ -1,0 +1,1 @@
+"""Re-measuring a model: perplexity, embedding fidelity, removal and quantization sweeps."""

@@ -1,0 +1,447 @@
+"""Leave-one-out ablation: the damage done by taking one block, attention sublayer or MLP sublayer out.
+
+For every unit u the model is run without u and compared with the full model on the same tokens:
+
+* ``ablation_kl``    -- mean over scored positions of KL(p_full || p_without_u) of the next-token
+  distributions (nats);
+* ``ablation_dloss`` -- mean next-token NLL without u minus the full model's mean NLL (nats);
+* ``ablation_dppl``  -- exp(NLL without u) - exp(NLL of the full model).
+
+Scored positions: every position of every window that has a next token (T-1 per window of T).
+
+Data (option ``ablation_data``): ``"evaluation"`` -- held-out tokens, the evaluation split of
+``ablation_dataset`` (default Wikipedia), ``ablation_tokens`` tokens (default 2048) in windows of
+``ablation_seq_len`` (default: the scan's sequence length); this needs the model's tokenizer
+(option ``tokenizer``, else loaded from the model's directory). ``"calibration"`` -- the scan's own
+calibration batches. ``ablation_ids`` (an int tensor [N, T]) overrides both. Unset (the default):
+"evaluation" when a tokenizer is available, else "calibration" (e.g. an in-memory model scanned on
+token ids). The data actually used is recorded in every column's details["data"].
+
+Prefix reuse. Removing block i leaves blocks 0..i-1 unchanged, so the input of every block is cached
+once (one full pass) and "skip block i" starts from block i's cached input and runs blocks
+i+1..L-1 and the head: sum_i (L-1-i) = L(L-1)/2 block evaluations instead of L(L-1) for L full
+reruns, with the same numbers (`bench/ablation.py` checks both claims). A sublayer ablation runs
+block i from its cached input with the sublayer's contribution zeroed, then blocks i+1..L-1.
+
+Zeroing a sublayer. A forward hook replaces the output of the attention module (its output[0]) or
+of the MLP module by zeros, so the residual stream receives nothing from it:
+
+* pre-LN families (Llama, Qwen, Mistral, Phi-3, GPT-2, GPT-NeoX, OPT, Falcon): the module output is
+  exactly what is added to the residual stream. Biases of the output projections (GPT-2, OPT, ...)
+  are part of the module output and are removed with it -- the sublayer is taken out completely,
+  not just its input-dependent part.
+* Gemma 2/3 apply a norm after the sublayer (post_attention_layernorm / post_feedforward_layernorm)
+  before the residual add; RMSNorm(0) = 0, so zeroing the module output before that norm also
+  removes the contribution exactly.
+* post-LN encoders (BERT-like, where the "attention" module already contains the residual add and
+  LayerNorm) zero the output projection (attention.output.dense / output.dense) instead; those
+  models have no causal LM head, so ablation is reported as unavailable for them anyway.
+
+Greedy variant (option ``ablation_greedy`` = number of steps, default 0 = off): remove the block
+whose removal costs least (by ``ablation_greedy_by``: "kl" or "dloss"), re-score every remaining
+block with the removed ones gone, repeat. The order and the curve (KL / dloss after each removal)
+are stored in the block column's details under "greedy".
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerscope.errors import LayerscopeError
+from layerscope.metrics.base import Column, Metric
+
+UNITS = ("block", "attention", "mlp")
+DEFAULT_TOKENS = 2048
+DEFAULT_SEQ_LEN = 512
+DEFAULT_BATCH = 2
+
+REFERENCE = ("leave-one-out ablation, e.g. Men et al. 2024 (ShortGPT), Gromov et al. 2024, "
+             "He et al. 2024 (What Matters in Transformers?)")
+
+
+# --------------------------------------------------------------------------- zeroing a sublayer
+def ablation_module(parts, i: int, unit: str) -> nn.Module:
+    """The module whose output is zeroed to take `unit` ('attention' or 'mlp') of block i out."""
+    post_ln = parts.mid[i] is not None and parts.mid[i][0] == "output"
+    if unit == "attention":
+        mod = parts.attn_out_proj[i] if post_ln else parts.attention[i]
+    elif unit == "mlp":
+        mod = parts.mlp_down_proj[i] if (post_ln or parts.mlp[i] is None) else parts.mlp[i]
+    else:
+        raise LayerscopeError(f"cannot zero a '{unit}' sublayer (use 'attention' or 'mlp')")
+    if mod is None:
+        raise LayerscopeError(f"block {i} of this {parts.family} model has no {unit} module to ablate")
+    return mod
+
+
+def _zero_output(module, args, output):
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]),) + tuple(output[1:])
+    return torch.zeros_like(output)
+
+
+@contextmanager
+def zero_sublayer(parts, i: int, unit: str) -> Iterator[None]:
+    """Within the block, the attention / MLP sublayer of block i contributes nothing."""
+    handle = ablation_module(parts, i, unit).register_forward_hook(_zero_output)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- scoring
+class Reference:
+    """The full model's next-token distributions on one batch; scores a changed model against them.
+
+    `score_hidden(h)` takes the final hidden state of the changed model (before the final norm),
+    `score_logits(logits)` its logits; both return (sum over positions of KL(full || changed),
+    sum of NLL, number of positions), sums in float64.
+    """
+
+    def __init__(self, runner, input_ids: torch.Tensor, h_final: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None):
+        self.runner = runner
+        self.targets = input_ids[:, 1:].to(runner.device if runner is not None else input_ids.device)
+        if logits is None:
+            logits = runner.head_logits(h_final)
+        self.logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        self.p = self.logp.exp()
+        self.n = int(self.targets.numel())
+        self.nll = float(self._nll(self.logp))
+
+    def _nll(self, logq: torch.Tensor) -> torch.Tensor:
+        return -logq.gather(-1, self.targets[..., None]).squeeze(-1).double().sum()
+
+    def score_logits(self, logits: torch.Tensor) -> tuple[float, float, int]:
+        logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        kl = (self.p * (self.logp - logq)).sum(-1)
+        return float(kl.double().sum()), float(self._nll(logq)), self.n
+
+    def score_hidden(self, h: torch.Tensor) -> tuple[float, float, int]:
+        return self.score_logits(self.runner.head_logits(h))
+
+
+def _run(runner, batch, h: torch.Tensor, start: int, skip: Sequence[int] = ()) -> torch.Tensor:
+    for j in range(start, runner.parts.num_layers):
+        if j not in skip:
+            h = runner.forward_block(j, h, batch)
+    return h
+
+
+def _cache_inputs(runner, batch, skip: Sequence[int] = ()) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Inputs of every block that is not skipped, and the final hidden state, in one pass."""
+    cache: dict[int, torch.Tensor] = {}
+    h = batch.first_hidden
+    for j in range(runner.parts.num_layers):
+        if j in skip:
+            continue
+        cache[j] = h
+        h = runner.forward_block(j, h, batch)
+    return cache, h
+
+
+@dataclass
+class AblationResult:
+    """Sums per unit and block, turned into means by `kl()`, `dloss()`, `dppl()`."""
+
+    num_layers: int
+    units: tuple[str, ...]
+    base_nll_sum: float = 0.0
+    positions: int = 0
+    kl_sum: dict[str, list[float]] = field(default_factory=dict)
+    nll_sum: dict[str, list[float]] = field(default_factory=dict)
+    block_evaluations: int = 0
+    naive_block_evaluations: int = 0  # what the same numbers cost with one full rerun per ablated unit
+    head_evaluations: int = 0
+    wall_time_s: float = 0.0
+    greedy: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for u in self.units:
+            self.kl_sum.setdefault(u, [0.0] * self.num_layers)
+            self.nll_sum.setdefault(u, [0.0] * self.num_layers)
+
+    @property
+    def base_nll(self) -> float:
+        return self.base_nll_sum / self.positions
+
+    def kl(self, unit: str) -> list[float]:
+        return [s / self.positions for s in self.kl_sum[unit]]
+
+    def nll(self, unit: str) -> list[float]:
+        return [s / self.positions for s in self.nll_sum[unit]]
+
+    def dloss(self, unit: str) -> list[float]:
+        return [v - self.base_nll for v in self.nll(unit)]
+
+    def dppl(self, unit: str) -> list[float | None]:
+        base = _exp(self.base_nll)
+        return [None if _exp(v) is None or base is None else _exp(v) - base for v in self.nll(unit)]
+
+
+def _exp(v: float) -> float | None:
+    return math.exp(v) if v < 700 else None
+
+
+@torch.no_grad()
+def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | None = None) -> AblationResult:
+    """Leave-one-out ablation of every block / attention / MLP sublayer with prefix reuse.
+
+    `runner` is a captured BlockRunner; its batches are the evaluated tokens.
+    """
+    parts = runner.parts
+    L = parts.num_layers
+    unknown = set(units) - set(UNITS)
+    units = tuple(u for u in UNITS if u in set(units))
+    if unknown or not units:
+        raise LayerscopeError(f"ablation units must be among {', '.join(UNITS)} (got {', '.join(sorted(unknown)) or 'none'})")
+    layers = list(range(L)) if layers is None else list(layers)
+    res = AblationResult(num_layers=L, units=units)
+    t0 = time.perf_counter()
+    for batch in runner.batches:
+        cache, h_final = _cache_inputs(runner, batch)
+        res.block_evaluations += L
+        res.naive_block_evaluations += L
+        ref = Reference(runner, batch.inputs["input_ids"], h_final)
+        res.head_evaluations += 1
+        res.base_nll_sum += ref.nll
+        res.positions += ref.n
+        for i in layers:
+            for unit in units:
+                if unit == "block":
+                    h = _run(runner, batch, cache[i], i + 1)
+                    res.block_evaluations += L - 1 - i
+                    res.naive_block_evaluations += L - 1
+                else:
+                    with zero_sublayer(parts, i, unit):
+                        h = runner.forward_block(i, cache[i], batch)
+                    h = _run(runner, batch, h, i + 1)
+                    res.block_evaluations += L - i
+                    res.naive_block_evaluations += L
+                kl, nll, _ = ref.score_hidden(h)
+                res.head_evaluations += 1
+                res.kl_sum[unit][i] += kl
+                res.nll_sum[unit][i] += nll
+        del cache, ref
+    res.wall_time_s = time.perf_counter() - t0
+    return res
+
+
+@contextmanager
+def blocks_removed(parts, removed: Sequence[int]) -> Iterator[None]:
+    """The model's block list without `removed` for the duration (blocks physically gone)."""
+    parent_path, _, attr = parts.blocks_path.rpartition(".")
+    parent = parts.model.get_submodule(parent_path) if parent_path else parts.model
+    original = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([b for j, b in enumerate(original) if j not in set(removed)]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+@torch.no_grad()
+def naive_leave_one_out(parts, batches: Sequence[dict[str, torch.Tensor]], units: Sequence[str] = ("block",)) -> AblationResult:
+    """Reference implementation: one full forward of the model per ablated unit (no prefix reuse).
+
+    A block is removed from the model's block list; a sublayer is zeroed by the same hook as in
+    `leave_one_out`. Scoring is shared with `leave_one_out` (`Reference.score_logits`). Used by
+    bench/ablation.py to check that prefix reuse gives the same numbers.
+    """
+    model = parts.model
+    L = parts.num_layers
+    units = tuple(u for u in UNITS if u in set(units))
+    res = AblationResult(num_layers=L, units=units)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+
+    def logits(inputs):
+        return model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
+
+    for inputs in batches:
+        ref = Reference(None, inputs["input_ids"].to(device), logits=logits(inputs))
+        res.block_evaluations += L
+        res.naive_block_evaluations += L
+        res.base_nll_sum += ref.nll
+        res.positions += ref.n
+        for i in range(L):
+            for unit in units:
+                if unit == "block":
+                    with blocks_removed(parts, [i]):
+                        lg = logits(inputs)
+                    res.block_evaluations += L - 1
+                else:
+                    with zero_sublayer(parts, i, unit):
+                        lg = logits(inputs)
+                    res.block_evaluations += L
+                kl, nll, _ = ref.score_logits(lg)
+                res.head_evaluations += 1
+                res.kl_sum[unit][i] += kl
+                res.nll_sum[unit][i] += nll
+    res.naive_block_evaluations = res.block_evaluations
+    res.wall_time_s = time.perf_counter() - t0
+    return res
+
+
+@torch.no_grad()
+def greedy_block_removal(runner, steps: int, by: str = "kl") -> dict[str, Any]:
+    """Iterative ablation: remove the cheapest block, re-score the rest, repeat `steps` times.
+
+    Returns {"order": [blocks in removal order], "curve": [{"removed": [...], "kl": .., "dloss": ..}],
+    "by": criterion}. Each step reuses the prefix of the model with the already removed blocks gone.
+    """
+    if by not in ("kl", "dloss"):
+        raise LayerscopeError("greedy ablation criterion must be 'kl' or 'dloss'")
+    L = runner.parts.num_layers
+    steps = max(0, min(int(steps), L - 1))
+    removed: list[int] = []
+    curve: list[dict[str, Any]] = []
+    for _ in range(steps):
+        cand = [i for i in range(L) if i not in removed]
+        kl = dict.fromkeys(cand, 0.0)
+        nll = dict.fromkeys(cand, 0.0)
+        base, n = 0.0, 0
+        for batch in runner.batches:
+            cache, h_full = _cache_inputs(runner, batch)
+            ref = Reference(runner, batch.inputs["input_ids"], h_full)
+            base, n = base + ref.nll, n + ref.n
+            if removed:  # the inputs of the remaining blocks with the removed ones gone
+                cache, _ = _cache_inputs(runner, batch, skip=removed)
+            for i in cand:
+                h = _run(runner, batch, cache[i], i + 1, skip=removed)
+                k, l_, _ = ref.score_hidden(h)
+                kl[i] += k
+                nll[i] += l_
+        crit = {i: (kl[i] if by == "kl" else nll[i]) for i in cand}
+        best = min(cand, key=lambda i: (crit[i], i))
+        removed.append(best)
+        curve.append({"removed": list(removed), "kl": kl[best] / n, "dloss": (nll[best] - base) / n})
+    return {"order": removed, "curve": curve, "by": by}
+
+
+# --------------------------------------------------------------------------- data
+def _tokenizer_for(parts, options: dict[str, Any]):
+    tok = options.get("tokenizer")
+    if tok is not None:
+        return tok
+    path = getattr(getattr(parts.model, "config", None), "_name_or_path", "") or ""
+    if not path:
+        return None
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        return None
+
+
+def ablation_runner(ctx) -> tuple[Any, str]:
+    """The BlockRunner over the ablation tokens (see the module docstring) and a description."""
+    from layerscope.engine.runner import BlockRunner, make_batches
+
+    opts = ctx.options
+    parts = ctx.parts
+    which = opts.get("ablation_data")
+    tok = _tokenizer_for(parts, opts) if which in (None, "evaluation") and opts.get("ablation_ids") is None else None
+    if which is None:
+        which = "evaluation" if tok is not None or ctx.runner is None else "calibration"
+    which = str(which)
+    batch_size = int(opts.get("ablation_batch_size", DEFAULT_BATCH))
+    ids = opts.get("ablation_ids")
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise LayerscopeError("ablation_ids must be an integer tensor [sequences, tokens]")
+        desc = f"given token ids {tuple(ids.shape)}"
+    elif which == "calibration":
+        if ctx.runner is None:
+            raise LayerscopeError("ablation on calibration data needs the scan's calibration batches")
+        why = "" if opts.get("ablation_data") else " (no tokenizer for held-out text)"
+        return ctx.runner, f"the scan's calibration batches ({ctx.n_tokens} tokens){why}"
+    elif which == "evaluation":
+        if tok is None:
+            raise LayerscopeError(
+                "ablation on held-out text needs the model's tokenizer: pass options={'tokenizer': ...}, "
+                "'ablation_ids', or set 'ablation_data' to 'calibration'")
+        from layerscope.data.corpora import load_texts, tokenize_windows
+
+        dataset = str(opts.get("ablation_dataset", "wikipedia"))
+        n_tokens = int(opts.get("ablation_tokens", DEFAULT_TOKENS))
+        seq_len = opts.get("ablation_seq_len")
+        if seq_len is None:
+            seq_len = DEFAULT_SEQ_LEN
+            if ctx.runner is not None and ctx.runner.batches:
+                seq_len = int(ctx.runner.batches[0].inputs["input_ids"].shape[1])
+        ids = tokenize_windows(tok, load_texts(dataset, split="evaluation"), n_tokens=n_tokens, seq_len=int(seq_len))
+        desc = f"{dataset}:evaluation, {ids.numel()} tokens in {ids.shape[0]} windows of {ids.shape[1]}"
+    else:
+        raise LayerscopeError(f"unknown ablation_data '{which}' (use 'evaluation' or 'calibration')")
+    batches, _ = make_batches(ids.long(), batch_size)
+    runner = BlockRunner(parts, batches)
+    runner.capture()
+    return runner, desc
+
+
+# --------------------------------------------------------------------------- the metric
+class Ablation(Metric):
+    """Leave-one-out ablation of every block, attention sublayer and MLP sublayer (ground truth).
+
+    Columns ablation_kl, ablation_dloss, ablation_dppl for the block, attention and mlp units;
+    higher = the model suffers more without the unit = more important. See the module docstring
+    for the data, prefix reuse, how sublayers are zeroed and the greedy variant.
+    """
+
+    name = "ablation"
+    direction = "higher"
+    definition = "mean KL(full || model without the unit) of next-token distributions on held-out tokens"
+    reference = REFERENCE
+
+    @staticmethod
+    def unavailable(parts) -> str | None:
+        return None if parts.has_lm_head else "needs a causal LM head (next-token KL and loss)"
+
+    def finish(self) -> list[Column]:
+        opts = self.ctx.options
+        units = opts.get("ablation_units", UNITS)
+        if isinstance(units, str):
+            units = [u.strip() for u in units.split(",") if u.strip()]
+        runner, desc = ablation_runner(self.ctx)
+        res = leave_one_out(runner, units)
+        greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
+        greedy = greedy_block_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl"))) \
+            if greedy_steps > 0 else None
+        info = {
+            "data": desc,
+            "positions_scored": res.positions,
+            "base_nll": res.base_nll,
+            "base_perplexity": _exp(res.base_nll),
+            "block_evaluations": res.block_evaluations,
+            "naive_block_evaluations": res.naive_block_evaluations,
+            "head_evaluations": res.head_evaluations,
+            "wall_time_s": round(res.wall_time_s, 3),
+        }
+        cols: list[Column] = []
+        for unit in res.units:
+            extra = dict(info)
+            if unit == "block" and greedy is not None:
+                extra["greedy"] = greedy
+            what = "the block" if unit == "block" else f"the {unit} sublayer (output zeroed)"
+            cols += [
+                self.column(unit, res.kl(unit), metric="ablation_kl",
+                            definition=f"mean KL(full || without {what}) of next-token distributions, nats",
+                            **extra),
+                self.column(unit, res.dloss(unit), metric="ablation_dloss",
+                            definition=f"mean next-token NLL without {what} minus the full model's, nats",
+                            **info),
+                self.column(unit, res.dppl(unit), metric="ablation_dppl",
+                            definition=f"perplexity without {what} minus the full model's perplexity",
+                            **info),
+            ]
+        return cols

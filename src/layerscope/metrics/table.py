@@ -1,0 +1,147 @@
+"""ScoreTable: layers x metrics, each with its direction and definition. Every action reads it."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from layerscope.errors import LayerscopeError
+from layerscope.outputs import write_json_atomic, write_text_atomic
+
+SCHEMA_VERSION = "1.0"
+UNITS = ("block", "attention", "mlp", "head")
+
+
+class ScoreColumn(BaseModel):
+    name: str
+    metric: str
+    unit: Literal["block", "attention", "mlp", "head"]
+    direction: Literal["higher", "lower"] | None = Field(
+        description="which values mean 'more important'; null for descriptive metrics"
+    )
+    definition: str
+    reference: str = ""
+    values: list[Any]  # [L] or [L][H]; null where undefined
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Provenance(BaseModel):
+    model_id: str
+    model_family: str
+    weights_sha256: str | None = None
+    num_layers: int
+    num_heads: int | None = None
+    calibration_source: str | None = None
+    calibration_tokens: int = 0
+    seq_len: int | None = None
+    seed: int = 0
+    layerscope_version: str
+    torch_version: str = ""
+    transformers_version: str = ""
+    created: str = ""
+    wall_time_s: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    skipped: dict[str, str] = Field(default_factory=dict, description="metric -> why it was not computed")
+
+
+class ScoreTable(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    provenance: Provenance
+    columns: dict[str, ScoreColumn] = Field(default_factory=dict)
+    extras: dict[str, Any] = Field(default_factory=dict, description="analyses attached by other commands")
+
+    # ------------------------------------------------------------------ access
+    @property
+    def num_layers(self) -> int:
+        return self.provenance.num_layers
+
+    def names(self, unit: str | None = None) -> list[str]:
+        return [n for n, c in self.columns.items() if unit is None or c.unit == unit]
+
+    def column(self, name: str, unit: str | None = None) -> ScoreColumn:
+        key = name if unit in (None, "block") or "@" in name else f"{name}@{unit}"
+        col = self.columns.get(key)
+        if col is None:
+            known = ", ".join(self.names(unit)) or "none"
+            raise LayerscopeError(f"unknown metric '{key}' in this score table (known: {known})")
+        return col
+
+    def values(self, name: str, unit: str | None = None) -> np.ndarray:
+        col = self.column(name, unit)
+        return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list)
+                         else (np.nan if row is None else row) for row in col.values], dtype=float)
+
+    def ranking(self, name: str, unit: str | None = None) -> list[int]:
+        """Layer indices from least to most important under the metric's direction."""
+        col = self.column(name, unit)
+        if col.direction is None:
+            raise LayerscopeError(f"metric '{col.name}' is descriptive: it has no importance direction")
+        if col.unit == "head":
+            raise LayerscopeError(f"metric '{col.name}' is per head; rank layers with a per-layer metric")
+        v = self.values(name, unit)
+        key = v if col.direction == "higher" else -v
+        order = sorted(range(len(v)), key=lambda i: (np.isnan(key[i]), key[i] if not np.isnan(key[i]) else 0.0, i))
+        return [i for i in order if not np.isnan(v[i])]
+
+    def least_important(self, name: str, k: int, unit: str | None = None) -> list[int]:
+        return self.ranking(name, unit)[:k]
+
+    def add(self, column: ScoreColumn, replace: bool = True) -> None:
+        if column.name in self.columns and not replace:
+            raise LayerscopeError(f"column '{column.name}' already present")
+        self.columns[column.name] = column
+
+    # ------------------------------------------------------------------ files
+    def to_json(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ScoreTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LayerscopeError(f"score table not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LayerscopeError(f"{path} is not a layerscope score table (invalid JSON: {exc})") from None
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise LayerscopeError(f"{path} is not a layerscope score table (no schema_version)")
+        major = str(data["schema_version"]).split(".")[0]
+        if major != SCHEMA_VERSION.split(".")[0]:
+            raise LayerscopeError(f"{path} has schema version {data['schema_version']}; this layerscope reads {SCHEMA_VERSION}")
+        try:
+            return cls.model_validate(data)
+        except Exception as exc:  # pydantic's message is long; keep the first line
+            raise LayerscopeError(f"{path} is not a valid score table: {str(exc).splitlines()[0]}") from None
+
+    def to_csv_text(self) -> str:
+        """One row per (layer, unit); one column per metric. Head metrics are expanded per head."""
+        metrics = sorted({c.metric for c in self.columns.values()})
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["layer", "unit", "head", *metrics])
+        for unit in UNITS:
+            cols = {c.metric: c for c in self.columns.values() if c.unit == unit}
+            if not cols:
+                continue
+            for layer in range(self.num_layers):
+                heads = [None]
+                if unit == "head":
+                    heads = list(range(max(len(c.values[layer]) for c in cols.values())))
+                for h in heads:
+                    row = [layer, unit, "" if h is None else h]
+                    for m in metrics:
+                        c = cols.get(m)
+                        v = None if c is None else (c.values[layer] if h is None else c.values[layer][h])
+                        row.append("" if v is None else f"{v:.8g}")
+                    w.writerow(row)
+        return buf.getvalue()
+
+    def to_csv(self, path: str | Path) -> Path:
+        return write_text_atomic(path, self.to_csv_text())

@@ -1,0 +1,181 @@
+"""Load a model by local path, hub id or alias, refusing anything that would need unpickling."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerscope.errors import LayerscopeError
+
+ALIASES = {"default": "smollm2", "smollm2": "smollm2", "minilm": "minilm"}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    model_id: str
+    path: Path | None  # local directory, if any (never written to)
+    weights_sha256: str | None
+
+
+def resolve(spec: str | os.PathLike | None) -> tuple[str, Path | None]:
+    """Return (model id, local directory or None for a hub id)."""
+    from layerscope.data import assets
+
+    if spec is None or str(spec) in ALIASES:
+        name = ALIASES[str(spec) if spec is not None else "default"]
+        return name, assets.asset_dir(name)
+    s = str(spec)
+    p = Path(s).expanduser()
+    if not p.exists():
+        if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
+            return s, None
+        raise LayerscopeError(f"model path does not exist: {p}")
+    if p.is_file():
+        raise LayerscopeError(f"model path must be a directory with config.json and *.safetensors, got a file: {p}")
+    return s, p.resolve()
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_local_dir(path: Path) -> list[Path]:
+    """Validate a local model directory; return its safetensors files."""
+    if not (path / "config.json").is_file():
+        raise LayerscopeError(f"no config.json in {path}: not a Hugging Face model directory")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayerscopeError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in path.glob("*.bin")] + [f.name for f in path.glob("*.pt")]
+        if pickles:
+            raise LayerscopeError(
+                f"{path} has only pickle weights ({', '.join(pickles)}); layerscope loads safetensors only "
+                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+            )
+        raise LayerscopeError(f"{path} has a config but no weights (*.safetensors)")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with safe_open(str(f), framework="pt") as fh:
+                keys = list(fh.keys())
+            header_len = int.from_bytes(f.open("rb").read(8), "little")
+            end = 0
+            with f.open("rb") as fh:
+                fh.seek(8)
+                header = json.loads(fh.read(header_len))
+            for k, meta in header.items():
+                if k != "__metadata__":
+                    end = max(end, meta["data_offsets"][1])
+            if 8 + header_len + end > size:
+                raise ValueError(f"file is {size} bytes, header needs {8 + header_len + end}")
+            if not keys:
+                raise ValueError("no tensors")
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LayerscopeError(f"corrupt or truncated safetensors file {f}: {msg}") from None
+    return files
+
+
+def weights_hash(files: list[Path]) -> str:
+    """sha256 over the weight files, cached by (path, size, mtime)."""
+    from layerscope.paths import cache_root
+
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    key = h.hexdigest()
+    cache = cache_root() / "hashes" / f"{key}.txt"
+    if cache.is_file():
+        return cache.read_text().strip()
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        from layerscope.outputs import write_text_atomic
+
+        write_text_atomic(cache, value)
+    except OSError:
+        pass
+    return value
+
+
+def _auto_class(config) -> type:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        return transformers.AutoModelForCausalLM
+    if not archs and getattr(config, "model_type", "") in transformers.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, minilm)."""
+    import transformers
+
+    model_id, path = resolve(spec)
+    files = check_local_dir(path) if path is not None else []
+    source = str(path) if path is not None else model_id
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        first = str(exc).splitlines()[0]
+        if "trust_remote_code" in first:
+            raise LayerscopeError(
+                f"{model_id} needs custom code from its repository; pass --trust-remote-code if you trust it"
+            ) from None
+        raise LayerscopeError(f"unsupported architecture in {model_id}: {first}") from None
+    except OSError as exc:
+        raise LayerscopeError(f"could not load '{model_id}' (offline or not found): {str(exc).splitlines()[0]}") from None
+    cls = _auto_class(config)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    try:
+        try:
+            model = cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        except ValueError as exc:
+            if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
+                raise
+            model = cls.from_pretrained(source, attn_implementation="eager", **kwargs)  # no SDPA kernel for it
+    except ValueError as exc:
+        raise LayerscopeError(f"unsupported architecture in {model_id}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise LayerscopeError(f"could not load weights of '{model_id}': {str(exc).splitlines()[0]}") from None
+    model.eval()
+    if device:
+        model.to(device)
+    tok = None
+    if tokenizer:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception:  # vision models and tokenizer-less checkpoints
+            tok = None
+    return LoadedModel(model=model, tokenizer=tok, model_id=model_id, path=path,
+                       weights_sha256=weights_hash(files) if files else None)
