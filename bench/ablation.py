@@ -34,7 +34,8 @@ def main() -> int:
 
     from layerscope.data import assets
     from layerscope.model.adapter import find_parts
-    from layerscope.data.corpora import load_texts, tokenize_windows
+    from layerscope.data.sources import load_texts
+    from layerscope.data.windows import tokenize_windows
     from layerscope.engine.runner import BlockRunner, make_batches
     from layerscope.metrics.ground_truth.ablation import leave_one_out, naive_leave_one_out
     from layerscope.model.loading import load_model

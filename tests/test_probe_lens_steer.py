@@ -58,7 +58,7 @@ def bert(tok):
 
 
 def _subject(model, tok):
-    from layerscope.analysis.probes import load_subject
+    from layerscope.model.subject import load_subject
 
     return load_subject(model, tok)
 
@@ -115,7 +115,7 @@ def test_python_api(tok, llama):
 
 
 def test_padding_does_not_change_features(tok, llama):
-    from layerscope.analysis.probes import collect_features
+    from layerscope.analysis.features import collect_features
 
     s = _subject(llama, tok)
     ts = ["the movie was good", "i think the hotel room was very very quite bad and boring"]
@@ -126,7 +126,8 @@ def test_padding_does_not_change_features(tok, llama):
     # decoder: the mean leaves out the first token (attention sink); the last pooling is the last real token
     got = {}
     ids = tok(ts[1])["input_ids"]
-    from layerscope.analysis.probes import pad_batch, run_base, tap_layers
+    from layerscope.analysis.features import pad_batch
+    from layerscope.engine.taps import run_base, tap_layers
 
     x, m = pad_batch([ids], 0)
     with tap_layers(s.parts, lambda l, h: got.__setitem__(l, h[0].detach())):
@@ -267,7 +268,8 @@ def test_tuned_lens_trains_and_resumes(tok, llama, tmp_path):
 
 
 def test_steering_hook_changes_only_from_layer(tok, llama):
-    from layerscope.analysis.probes import pad_batch, run_base, tap_layers
+    from layerscope.analysis.features import pad_batch
+    from layerscope.engine.taps import run_base, tap_layers
     from layerscope.actions.steer import random_like, steering
 
     s = _subject(llama, tok)

@@ -22,7 +22,8 @@ def smol():
 
 def test_block_influence_on_real_model_matches_hooks(smol):
     """BI of all 30 blocks (last included) equals 1 - cos from forward hooks on a plain forward, to 1e-5."""
-    from layerscope.metrics.scan import prepare_tokens, scan
+    from layerscope.data.windows import prepare_tokens
+    from layerscope.metrics.scan import scan
 
     ids, _ = prepare_tokens(smol.tokenizer, "wikipedia", 1024, 256)
     table = scan(smol.model, ids, ["block_influence", "logit_lens"], tokenizer=smol.tokenizer, lens_tokens=64)

@@ -602,8 +602,8 @@ def prune(model: str | None = None, *, out: str | Path, remove: int | None = Non
           iterative: bool = False, force: bool = False, scan_options: dict[str, Any] | None = None,
           trust_remote_code: bool = False) -> PruneResult:
     """Remove K units (the least important by `by`, or the explicit `units`) and write a model to `out`."""
-    from layerscope.model.loading import load_model, resolve
     from layerscope.metrics.table import ScoreTable
+    from layerscope.model.loading import load_model, resolve
 
     check_unit(unit)
     if units is None and remove is None:

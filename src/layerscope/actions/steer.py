@@ -128,7 +128,7 @@ def word_ids(tokenizer, words: Sequence[str]) -> tuple[list[int], list[str]]:
 def sentiment_margin(subject, prompts: Sequence[str], pos_ids: Sequence[int], neg_ids: Sequence[int],
                      layer: int | None = None, vector: torch.Tensor | None = None) -> np.ndarray:
     """Per prompt: log sum P(positive words) - log sum P(negative words) for the next token."""
-    from layerscope.analysis.probes import pad_batch, pad_id_of
+    from layerscope.analysis.features import pad_batch, pad_id_of
 
     tok = subject.tokenizer
     enc = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
@@ -163,7 +163,7 @@ def effect_stats(delta: np.ndarray, seed: int = 0) -> dict:
 @torch.no_grad()
 def generate(subject, prompts: Sequence[str], n_tokens: int, layer: int, vector: torch.Tensor | None) -> list[str]:
     """Greedy continuations (one prompt at a time, no padding), with the steering hook if `vector`."""
-    from layerscope.analysis.probes import pad_id_of
+    from layerscope.analysis.features import pad_id_of
 
     tok = subject.tokenizer
     dev = next(subject.model.parameters()).device
@@ -300,20 +300,21 @@ def steer(
     sample of `n`) or labelled texts as accepted by `layerscope.probe` whose labels include
     `positive` and `negative` (other labels are ignored).
     """
+    from layerscope.analysis.features import collect_features
     from layerscope.analysis.probes import (
-        LabelledTexts,
-        Subject,
         _as_labelled,
+        _progress_printer,
+        fit_probe,
+        probe_concept,
+    )
+    from layerscope.data.labelled import (
+        LabelledTexts,
         balanced_subsample,
         check_labels,
-        collect_features,
         concept_data,
-        fit_probe,
-        load_subject,
-        probe_concept,
         sentiment_sample,
-        _progress_printer,
     )
+    from layerscope.model.subject import Subject, load_subject
 
     t0 = time.perf_counter()
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer, trust_remote_code)

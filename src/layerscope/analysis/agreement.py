@@ -463,10 +463,11 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
     """
     import torch
 
-    from layerscope.model.adapter import find_parts
+    from layerscope.data.windows import prepare_tokens
     from layerscope.metrics import DEFAULT_METRICS, METRICS
-    from layerscope.metrics.scan import prepare_tokens, resolve_metrics, scan
+    from layerscope.metrics.scan import resolve_metrics, scan
     from layerscope.metrics.table import ScoreTable
+    from layerscope.model.adapter import find_parts
 
     say = log or (lambda msg: None)
     extra_options = options

@@ -189,7 +189,7 @@ def load_tuned_lens(directory: str | Path, model: Any) -> TunedLens:
     from safetensors.torch import load_file
 
     from layerscope.model.adapter import find_parts
-    from layerscope.analysis.probes import Subject
+    from layerscope.model.subject import Subject
 
     directory = Path(directory)
     st, js = directory / f"{ARTEFACT}.safetensors", directory / f"{ARTEFACT}.json"
@@ -223,8 +223,9 @@ def _sha256(path: Path) -> str:
 def cache_states(subject, data: Any, *, n_tokens: int, seq_len: int, split: str, seed: int,
                  batch_size: int = 4) -> tuple[torch.Tensor, str]:
     """Residual states [L+1, n_tokens, d] at randomly sampled positions (never position 0)."""
-    from layerscope.analysis.probes import max_context, run_base, tap_layers
-    from layerscope.metrics.scan import prepare_tokens
+    from layerscope.data.windows import prepare_tokens
+    from layerscope.engine.taps import run_base, tap_layers
+    from layerscope.model.subject import max_context
 
     ctx = max_context(subject.model)
     if ctx:
@@ -512,7 +513,7 @@ def lens(
     written there; `resume=True` continues the checkpoint in `out` up to `steps`.
     Wikipedia calibration split for training, evaluation split for the reported numbers.
     """
-    from layerscope.analysis.probes import Subject, layer_names, load_subject
+    from layerscope.model.subject import Subject, layer_names, load_subject
 
     t0 = time.perf_counter()
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer, trust_remote_code)

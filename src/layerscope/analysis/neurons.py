@@ -128,7 +128,7 @@ def parse_layers(spec: Sequence[int] | str | int | None, num_layers: int) -> lis
 def decode_neurons(model: Any, layers: Sequence[int] | str | int, *, top_k: int = 10,
                    neurons: Sequence[int] | None = None, tokenizer: Any = None) -> dict[int, list[dict]]:
     """Top-k promoted (and demoted) tokens of every neuron (or the given ones) in each block of `layers`."""
-    from layerscope.analysis.probes import Subject, load_subject
+    from layerscope.model.subject import Subject, load_subject
 
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer, need_tokenizer=False)
     parts = subject.parts
@@ -184,7 +184,7 @@ def resolve_token(tokenizer: Any, token: str | int) -> int:
 def promoting_neurons(model: Any, token: str | int, *, top_k: int = 20, layers: Sequence[int] | str | None = None,
                       tokenizer: Any = None) -> dict:
     """The (block, neuron) pairs whose output direction most raises `token`'s centred logit."""
-    from layerscope.analysis.probes import Subject, load_subject
+    from layerscope.model.subject import Subject, load_subject
 
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer, need_tokenizer=False)
     parts = subject.parts

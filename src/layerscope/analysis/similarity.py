@@ -116,8 +116,9 @@ def layer_similarity(model: Any = None, data: Any = "wikipedia", *, tokens: int 
                      outlier_ratio: float | None = 5.0, tokenizer: Any = None,
                      batch_size: int = 8) -> SimilarityResult:
     """Linear CKA between all pairs of layers 0..L on calibration tokens (see the module docstring)."""
-    from layerscope.analysis.probes import Subject, layer_names, load_subject, max_context, run_base, tap_layers
-    from layerscope.metrics.scan import prepare_tokens
+    from layerscope.data.windows import prepare_tokens
+    from layerscope.engine.taps import run_base, tap_layers
+    from layerscope.model.subject import Subject, layer_names, load_subject, max_context
 
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 8:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from layerscope.model.adapter import ModelParts
 from layerscope.errors import LayerscopeError, NumericalError
+from layerscope.model.adapter import ModelParts
 
 
 class _StopForward(Exception):

@@ -36,7 +36,8 @@ class PerplexityResult(BaseModel):
 
 def token_stream(tokenizer: Any, protocol: PerplexityProtocol) -> torch.Tensor:
     """The evaluated token stream: documents joined in order, cut to protocol.max_tokens."""
-    from layerscope.data.corpora import load_texts, tokenize_windows
+    from layerscope.data.sources import load_texts
+    from layerscope.data.windows import tokenize_windows
 
     texts = load_texts(protocol.dataset, split=protocol.split)
     ids = tokenize_windows(tokenizer, texts, n_tokens=protocol.max_tokens, seq_len=protocol.max_tokens)
@@ -137,7 +138,7 @@ class FidelityResult(BaseModel):
 
 def sentence_texts(protocol: EmbeddingProtocol) -> list[str]:
     """The evaluated sentences: the first `protocol.sentences` of the chosen split (deterministic)."""
-    from layerscope.data.corpora import load_texts
+    from layerscope.data.sources import load_texts
 
     texts = [t.strip() for t in load_texts(protocol.dataset, split=protocol.split) if t.strip()]
     if protocol.dataset not in ("sentiment",):  # documents: one sentence-sized piece per line

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from layerscope.errors import LayerscopeError
 from layerscope.compress.quant import FakeQuantizer, Scheme, WeightCache, full_name
+from layerscope.errors import LayerscopeError
 
 PRE_ROUNDED_NOTE = ("SmolLM2's shipped weights were already rounded to 4 bits (GGUF Q4_1, blocks of 32); the "
                     "baseline is that dequantized fp32 model, and the schemes used here (2/3-bit, and any width with "
@@ -66,8 +66,8 @@ class Evaluator:
     """Perplexity of a model under fake-quant assignments, on one tokenized held-out stream."""
 
     def __init__(self, model, tokenizer, protocol=None, ids: torch.Tensor | None = None):
-        from layerscope.model.adapter import find_parts
         from layerscope.evaluation.perplexity import PerplexityProtocol, token_stream
+        from layerscope.model.adapter import find_parts
 
         self.model = model
         self.parts = find_parts(model)

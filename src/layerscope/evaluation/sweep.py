@@ -144,8 +144,8 @@ def greedy_order(model: Any, unit: str, ids: Any, k: int, batch_size: int = 4,
     import torch.nn.functional as F
 
     from layerscope.actions.prune import sublayers_ablated
-    from layerscope.model.adapter import find_parts
     from layerscope.engine.runner import BlockRunner, make_batches
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     L = parts.num_layers
@@ -234,7 +234,11 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
     """Perplexity after removing the first K units of each ordering, for every K in `ks`."""
     from layerscope import __version__
     from layerscope.actions.prune import check_unit, removed
-    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, token_stream
+    from layerscope.evaluation.perplexity import (
+        PerplexityProtocol,
+        perplexity,
+        token_stream,
+    )
 
     t0 = time.perf_counter()
     check_unit(unit)
@@ -342,7 +346,8 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
             order, where = gt
             info: dict[str, Any] = {"source": f"ground truth ({where})"}
         else:
-            from layerscope.data.corpora import load_texts, tokenize_windows
+            from layerscope.data.sources import load_texts
+            from layerscope.data.windows import tokenize_windows
 
             seq = min(protocol.context_length, 512)
             texts = load_texts(greedy_data, split=greedy_split)

@@ -9,8 +9,8 @@ import torch
 from layerscope.errors import LayerscopeError
 
 if TYPE_CHECKING:
-    from layerscope.model.adapter import ModelParts
     from layerscope.engine.runner import BlockRunner
+    from layerscope.model.adapter import ModelParts
 
 Unit = Literal["block", "attention", "mlp", "head"]
 Direction = Literal["higher", "lower"] | None  # which values mean "more important"; None: descriptive

@@ -10,11 +10,18 @@ import torch
 from torch import nn
 
 from layerscope import __version__
-from layerscope.model.adapter import ModelParts, find_parts
+from layerscope.data.windows import prepare_tokens
 from layerscope.engine.runner import BlockRunner, make_batches
 from layerscope.errors import LayerscopeError
-from layerscope.metrics import DEFAULT_METRICS, METRICS, BlockObservation, Metric, ScanContext
+from layerscope.metrics import (
+    DEFAULT_METRICS,
+    METRICS,
+    BlockObservation,
+    Metric,
+    ScanContext,
+)
 from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
+from layerscope.model.adapter import ModelParts, find_parts
 
 
 def resolve_metrics(names: Iterable[str] | str | None) -> list[str]:
@@ -109,29 +116,6 @@ def _progress(enabled: bool, total: int, label: str) -> Iterator[Any]:
                   TimeElapsedColumn(), transient=True) as prog:
         task = prog.add_task(label, total=total)
         yield lambda: prog.advance(task)
-
-
-def prepare_tokens(
-    tokenizer: Any, data: Any, tokens: int, seq_len: int, split: str = "calibration"
-) -> tuple[torch.Tensor, str]:
-    """Turn `data` (source name, path, list of texts, or a [N, T] id tensor) into [N, T] windows."""
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):
-            raise LayerscopeError("token data must be an integer tensor of shape [sequences, tokens]")
-        return data.long(), f"tensor {tuple(data.shape)}"
-    from layerscope.data import corpora as data_mod
-
-    if tokenizer is None:
-        raise LayerscopeError("this model has no tokenizer: pass token ids or pixel values instead of text")
-    if data is None:
-        data = "wikipedia"
-    if isinstance(data, (list, tuple)):
-        texts, label = [str(t) for t in data], f"{len(data)} texts"
-    else:
-        texts = data_mod.load_texts(data, split=split)
-        label = f"{data}:{split}" if str(data) in ("wikipedia", "shakespeare") else str(data)
-    ids = data_mod.tokenize_windows(tokenizer, texts, n_tokens=tokens, seq_len=seq_len)
-    return ids, label
 
 
 def max_positions(model: nn.Module) -> int | None:

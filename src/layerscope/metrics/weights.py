@@ -7,10 +7,10 @@ import math
 import numpy as np
 import torch
 
-from layerscope.model.adapter import linear_weight
 from layerscope.errors import NumericalError
-from layerscope.outputs import write_json_atomic
 from layerscope.metrics.base import Column, Metric
+from layerscope.model.adapter import linear_weight
+from layerscope.outputs import write_json_atomic
 
 
 def _jsonable(rows):

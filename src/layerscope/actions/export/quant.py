@@ -27,9 +27,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from layerscope.compress.quant import (
+    GGML_TYPE_FOR_BITS,
+    UNQUANTIZED,
+    Scheme,
+    hqq_quant_config,
+)
 from layerscope.errors import LayerscopeError
 from layerscope.plans.allocate import QuantPlan
-from layerscope.compress.quant import GGML_TYPE_FOR_BITS, UNQUANTIZED, Scheme, hqq_quant_config
 
 EXPORTS = ("gptqmodel", "llm-compressor", "hqq", "llamacpp")
 GPTQ_BITS = (2, 3, 4, 8)
@@ -205,7 +210,10 @@ def llmcompressor_recipe(cfg: dict[str, Any]) -> str:
 def validate_llmcompressor(cfg: dict[str, Any], plan: QuantPlan, model=None, recipe: str | None = None) -> str:
     """compressed-tensors' own pydantic models, and its module matcher on every planned layer."""
     try:
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+        from compressed_tensors.quantization import (
+            QuantizationConfig,
+            QuantizationScheme,
+        )
         from compressed_tensors.utils.match import is_match
     except ImportError:  # `pip install --no-deps compressed-tensors loguru` brings the real parser
         return _schema_llmcompressor(cfg, plan)

@@ -75,10 +75,10 @@ def parse_options(items: list[str] | None) -> dict:
 
 
 def print_agreement(res: dict) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     console = Console() if sys.stdout.isatty() else Console(width=160)
     primary = res["primary_truth"]

@@ -69,12 +69,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Token-level perplexity with a recorded protocol, or sentence-embedding fidelity for encoders."""
         from layerscope import __version__
+        from layerscope.actions.prune import quiet_transformers
         from layerscope.model.adapter import find_parts
         from layerscope.model.fast import read_pruned_json, skip_sublayers
-        from layerscope.outputs import write_json_atomic
         from layerscope.model.loading import load_model, resolve
-
-        from layerscope.actions.prune import quiet_transformers
+        from layerscope.outputs import write_json_atomic
 
         quiet_transformers()
         if tokens < 2 or context < 2 or batch_size < 1 or sentences < 2:
@@ -112,7 +111,10 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{p['dataset']}:{p['split']}: perplexity {r['perplexity']:.4f} "
                            f"({r['tokens_scored']} tokens scored, context {p['context_length']}, stride {p['stride']})")
         else:
-            from layerscope.evaluation.perplexity import EmbeddingProtocol, embedding_fidelity
+            from layerscope.evaluation.perplexity import (
+                EmbeddingProtocol,
+                embedding_fidelity,
+            )
 
             ref_spec = reference or ((record or {}).get("source") or {}).get("path") or \
                 ((record or {}).get("source") or {}).get("model_id")

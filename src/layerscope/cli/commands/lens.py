@@ -31,9 +31,9 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Per-layer KL to the final prediction for the logit and the tuned lens, on held-out Wikipedia."""
-        from layerscope.outputs import is_inside, write_text_atomic
         from layerscope.analysis.lenses import lens
-        from layerscope.analysis.probes import load_subject
+        from layerscope.model.subject import load_subject
+        from layerscope.outputs import is_inside, write_text_atomic
         from layerscope.report.extras import render_html
 
         if not lenses and neurons is None and not promote:

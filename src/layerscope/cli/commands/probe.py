@@ -53,8 +53,9 @@ def register(app: typer.Typer) -> None:
         """Linear probes at every layer: accuracy with 95% CIs, shuffled-label control, concept depth."""
         import warnings
 
-        from layerscope.analysis.probes import load_subject, probe
+        from layerscope.analysis.probes import probe
         from layerscope.analysis.similarity import layer_similarity
+        from layerscope.model.subject import load_subject
 
         if on_long not in ("truncate", "error"):
             raise LayerscopeError("--on-long must be 'truncate' or 'error'")
@@ -62,7 +63,8 @@ def register(app: typer.Typer) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if quiet else "default")
             if cka_only:
-                from layerscope.analysis.probes import ProbeResult, layer_names
+                from layerscope.analysis.probes import ProbeResult
+                from layerscope.model.subject import layer_names
 
                 sim = layer_similarity(subject, tokens=cka_tokens, seed=seed, outlier_ratio=cka_outlier_ratio or None)
                 result = ProbeResult(model_id=subject.model_id, model_family=subject.parts.family,

@@ -39,6 +39,11 @@ def build_plan(lm, parts, *, budget: float, bits: list[int], groups: list[int], 
                granularity: str, scores=None, tokens: int = 2048, seq_len: int = 512, progress: bool = False,
                log=lambda m: None):
     """(plan, score table used or None). Raises LayerscopeError on bad input before any long work."""
+    from layerscope.compress.quant import check_linear
+    from layerscope.metrics.ground_truth.quant_sensitivity import (
+        kl_from_details,
+        measure_scores,
+    )
     from layerscope.plans.allocate import (
         allocate,
         check_budget,
@@ -54,8 +59,6 @@ def build_plan(lm, parts, *, budget: float, bits: list[int], groups: list[int], 
         total_params,
         uniform_for_budget,
     )
-    from layerscope.compress.quant import check_linear
-    from layerscope.metrics.ground_truth.quant_sensitivity import kl_from_details, measure_scores
 
     layers = model_layers(parts)
     options = parse_options(bits, groups, method)
@@ -153,8 +156,8 @@ def quantize(
     import datetime as _dt
 
     from layerscope import __version__
-    from layerscope.compress.quant import FORMATS, check_scheme, parse_bits
     from layerscope.actions.export.quant import parse_exports
+    from layerscope.compress.quant import FORMATS, check_scheme, parse_bits
 
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     # ---- validate everything cheap first
@@ -179,8 +182,13 @@ def quantize(
         table = ScoreTable.from_json(scores)
 
     from layerscope.model.adapter import find_parts
-    from layerscope.outputs import atomic_directory, is_inside, write_json_atomic, write_text_atomic
     from layerscope.model.loading import load_model
+    from layerscope.outputs import (
+        atomic_directory,
+        is_inside,
+        write_json_atomic,
+        write_text_atomic,
+    )
 
     lm = load_model(model)
     if lm.path is not None and is_inside(out, lm.path):
@@ -251,8 +259,12 @@ def quantize(
         if save_model:
             import torch
 
-            from layerscope.compress.quant import hqq_layers, quantize_model_hqq, save_hqq_model
-            from layerscope.compress.quant import fake_quant
+            from layerscope.compress.quant import (
+                fake_quant,
+                hqq_layers,
+                quantize_model_hqq,
+                save_hqq_model,
+            )
 
             expected = {}
             for e in plan.entries:  # what the saved layers must dequantize to

@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
         """Score every block, attention/MLP sublayer and head in one block-sequential pass."""
         from rich.console import Console
 
-        from layerscope.model.loading import resolve
         from layerscope.metrics.scan import resolve_metrics, scan
+        from layerscope.model.loading import resolve
 
         if tokens < 1 or seq_len < 2 or batch_size < 1 or attn_seqs < 0 or (lens_tokens is not None and lens_tokens < 1):
             raise LayerscopeError("--tokens, --seq-len, --batch-size and --lens-tokens must be positive")

@@ -28,9 +28,9 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Steering vector = mean(positive) - mean(negative) states; effect vs other layers and random vectors."""
-        from layerscope.analysis.probes import load_subject
         from layerscope.actions.steer import steer
         from layerscope.cli.commands.probe import write_outputs
+        from layerscope.model.subject import load_subject
 
         subject = load_subject(model, trust_remote_code=trust_remote_code)
         subject.require_lm_head("steering")

@@ -40,10 +40,10 @@ def register(app: typer.Typer) -> None:
             source_dtype,
             source_metric,
         )
-        from layerscope.evaluation.perplexity import PerplexityProtocol
-        from layerscope.model.loading import load_model, resolve
-        from layerscope.metrics.table import ScoreTable
         from layerscope.evaluation import sweep as sw
+        from layerscope.evaluation.perplexity import PerplexityProtocol
+        from layerscope.metrics.table import ScoreTable
+        from layerscope.model.loading import load_model, resolve
 
         check_unit(unit)
         quiet_transformers()
@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
 
 def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
     """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
-    from layerscope.outputs import atomic_directory, write_json_atomic
     from layerscope.evaluation import sweep as sw
+    from layerscope.outputs import atomic_directory, write_json_atomic
 
     names = ["sweep.json", "sweep.png"]
     with atomic_directory(out, force=force) as tmp:

@@ -370,7 +370,8 @@ def ablation_runner(ctx) -> tuple[Any, str]:
             raise LayerscopeError(
                 "ablation on held-out text needs the model's tokenizer: pass options={'tokenizer': ...}, "
                 "'ablation_ids', or set 'ablation_data' to 'calibration'")
-        from layerscope.data.corpora import load_texts, tokenize_windows
+        from layerscope.data.sources import load_texts
+        from layerscope.data.windows import tokenize_windows
 
         dataset = str(opts.get("ablation_dataset", "wikipedia"))
         n_tokens = int(opts.get("ablation_tokens", DEFAULT_TOKENS))

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerscope.compress.quant import Scheme, check_linear, check_scheme, fake_quant
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
-from layerscope.compress.quant import Scheme, check_linear, check_scheme, fake_quant
 
 _REF_LOGPROB_BYTES = 2 << 30  # keep reference log-probabilities in memory up to this size
 
@@ -176,8 +176,8 @@ def naive_quant_sensitivity(model, input_ids: torch.Tensor, scheme: Scheme, batc
 
     For tests: must equal the metric up to float rounding.
     """
-    from layerscope.model.adapter import find_parts
     from layerscope.compress.quant import FakeQuantizer, full_name
+    from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
     fq = FakeQuantizer(parts)
