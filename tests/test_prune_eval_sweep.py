@@ -17,8 +17,14 @@ import transformers
 import yaml
 
 from layerscope.actions import prune as P
+from layerscope.engine import removal as R
 from layerscope.errors import LayerscopeError
-from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, stream_nll, windows
+from layerscope.evaluation.perplexity import (
+    PerplexityProtocol,
+    perplexity,
+    stream_nll,
+    windows,
+)
 
 WORDS = ("the of and to in is was for on as with by at from his her an which or be are this that were "
          "city river king war music art science law house north south old new first year great small").split()
@@ -140,7 +146,7 @@ def test_block_prune_reloads_with_plain_transformers(models, family, tmp_path):
     n = original.config.num_hidden_layers
     keep = [i for i in range(n) if i not in remove]
     reference_full = out_of(original, IDS)
-    with P.blocks_removed(original, remove):
+    with R.blocks_removed(original, remove):
         expected = out_of(original, IDS)
     assert torch.equal(out_of(original, IDS), reference_full)  # restored afterwards
     pruned = load_plain(out)
@@ -171,7 +177,7 @@ def test_block_prune_reloads_with_plain_transformers(models, family, tmp_path):
 def test_per_layer_config_lists_are_subset():
     cfg = {"num_hidden_layers": 6, "layer_types": list("abcdef"), "no_rope_layers": [1, 0, 1, 0, 1, 0],
            "mlp_only_layers": [0, 3, 5], "max_window_layers": 3, "architectures": ["X"] * 6, "other": [1] * 6}
-    ch = P.plan_config(cfg, [0, 2, 3, 5], 6)
+    ch = R.plan_config(cfg, [0, 2, 3, 5], 6)
     assert ch == {"num_hidden_layers": 4, "layer_types": list("acdf"), "no_rope_layers": [1, 1, 0, 0],
                   "mlp_only_layers": [0, 2, 3], "max_window_layers": 2}
 
@@ -189,7 +195,7 @@ def test_sublayer_prune_zeroed_equals_fast_equals_hooks(models, family, unit, tm
     P.prune(str(src), units=remove, unit=unit, out=out)
     original = load_plain(src)
     full = out_of(original, IDS)
-    with P.sublayers_ablated(original, unit, remove):
+    with R.sublayers_zeroed(original, unit, remove):
         hooked = out_of(original, IDS)
     plain = out_of(load_plain(out), IDS)
     fast_model = fast.load(out)
@@ -383,7 +389,7 @@ def test_greedy_order_picks_the_cheapest_removal(models):
     ids = torch.randint(4, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
 
     def nll(removed):
-        with P.blocks_removed(model, removed), torch.no_grad():
+        with R.blocks_removed(model, removed), torch.no_grad():
             logits = model(input_ids=ids).logits
         return float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
 
@@ -450,7 +456,7 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
     loaded = load_model(None)
     proto = PerplexityProtocol(max_tokens=1024, context_length=256, stride=256)
     remove = [10, 20]
-    with P.blocks_removed(loaded.model, remove):
+    with R.blocks_removed(loaded.model, remove):
         mem = perplexity(loaded.model, loaded.tokenizer, proto).perplexity
     out = tmp_path / "smol"
     P.prune(None, units=remove, out=out)
@@ -461,8 +467,12 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
 
 
 def test_sweep_uses_ground_truth_greedy_order_when_present():
+    from layerscope.evaluation.sweep import (
+        ground_truth_order,
+        parse_orders,
+        parse_range,
+    )
     from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
-    from layerscope.evaluation.sweep import ground_truth_order, parse_orders, parse_range
 
     table = ScoreTable(provenance=Provenance(model_id="m", model_family="llama", num_layers=6, layerscope_version="x"))
     assert ground_truth_order(table, "block") is None

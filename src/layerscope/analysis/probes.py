@@ -39,11 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from layerscope.analysis.features import (
-    POOLINGS,
-    LayerFeatures,
-    collect_features,
-)
+from layerscope.analysis.features import POOLINGS, LayerFeatures, collect_features
 from layerscope.data.labelled import (
     CONCEPTS,
     LabelledTexts,

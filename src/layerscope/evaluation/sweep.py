@@ -135,16 +135,10 @@ def ground_truth_order(table, unit: str) -> tuple[list[int], str] | None:
 
 def greedy_order(model: Any, unit: str, ids: Any, k: int, batch_size: int = 4,
                  progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
-    """Greedy ablation: repeatedly remove the unit whose removal raises the mean NLL on `ids` least.
-
-    Runs block by block (BlockRunner): the hidden states in front of every block under the current
-    removals are computed once per step, so each candidate only re-runs the blocks after it.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from layerscope.actions.prune import sublayers_ablated
+    """The greedy reference order on token windows `ids`: the shared greedy ablation
+    (`metrics.ground_truth.ablation.greedy_removal`) by mean NLL, run block by block."""
     from layerscope.engine.runner import BlockRunner, make_batches
+    from layerscope.metrics.ground_truth.ablation import greedy_removal
     from layerscope.model.adapter import find_parts
 
     parts = find_parts(model)
@@ -153,57 +147,10 @@ def greedy_order(model: Any, unit: str, ids: Any, k: int, batch_size: int = 4,
         raise LayerscopeError(f"greedy order: K must be between 1 and {L - 1}")
     batches, _ = make_batches(ids, batch_size, 0)
     runner = BlockRunner(parts, batches)
+    runner.capture()
+    g = greedy_removal(runner, k, by="dloss", unit=unit, progress=progress)
+    return {"order": g["order"], "selection_nll": [c["nll"] for c in g["curve"]], "baseline_nll": g["base_nll"]}
 
-    def run_block(i: int, hs: list, removed: set[int]) -> list:
-        if i in removed and unit == "block":
-            return hs
-        if i in removed:
-            with sublayers_ablated(model, unit, [i]):
-                return [runner.forward_block(i, h, b) for h, b in zip(hs, runner.batches)]
-        return [runner.forward_block(i, h, b) for h, b in zip(hs, runner.batches)]
-
-    def mean_nll(hs: list) -> float:
-        total, count = 0.0, 0
-        for h, b in zip(hs, runner.batches):
-            logits = runner.head_logits(h)
-            x = b.inputs["input_ids"].to(logits.device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
-            count += x[:, 1:].numel()
-        return total / count
-
-    removed: list[int] = []
-    losses: list[float] = []
-    with torch.no_grad():
-        runner.capture()
-        first = [b.first_hidden for b in runner.batches]
-        h = first
-        for i in range(L):
-            h = run_block(i, h, set())
-        base = mean_nll(h)
-        for step in range(k):
-            rem = set(removed)
-            prefix: list[list] = []
-            h = first
-            for i in range(L):
-                prefix.append(h)
-                h = run_block(i, h, rem)
-            best, best_loss = None, math.inf
-            for c in range(L):
-                if c in rem:
-                    continue
-                hh = run_block(c, prefix[c], rem | {c})
-                for j in range(c + 1, L):
-                    hh = run_block(j, hh, rem)
-                loss = mean_nll(hh)
-                if loss < best_loss:
-                    best, best_loss = c, loss
-            assert best is not None
-            removed.append(best)
-            losses.append(best_loss)
-            if progress:
-                progress(step + 1, best, best_loss)
-    return {"order": removed, "selection_nll": losses, "baseline_nll": base}
 
 
 # ------------------------------------------------------------------------------ sweep
@@ -233,7 +180,7 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Perplexity after removing the first K units of each ordering, for every K in `ks`."""
     from layerscope import __version__
-    from layerscope.actions.prune import check_unit, removed
+    from layerscope.engine.removal import check_unit, removed
     from layerscope.evaluation.perplexity import (
         PerplexityProtocol,
         perplexity,

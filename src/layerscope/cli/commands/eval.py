@@ -111,10 +111,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{p['dataset']}:{p['split']}: perplexity {r['perplexity']:.4f} "
                            f"({r['tokens_scored']} tokens scored, context {p['context_length']}, stride {p['stride']})")
         else:
-            from layerscope.evaluation.perplexity import (
-                EmbeddingProtocol,
-                embedding_fidelity,
-            )
+            from layerscope.evaluation.perplexity import EmbeddingProtocol, embedding_fidelity
 
             ref_spec = reference or ((record or {}).get("source") or {}).get("path") or \
                 ((record or {}).get("source") or {}).get("model_id")

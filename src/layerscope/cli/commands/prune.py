@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the model repository."),
     ) -> None:
         """Remove K blocks, attention or MLP sublayers (least important by a metric) and write a model directory."""
-        from layerscope.actions.prune import check_unit, prune, quiet_transformers
+        from layerscope.engine.removal import check_unit
+        from layerscope.actions.prune import prune, quiet_transformers
 
         check_unit(unit)
         quiet_transformers()

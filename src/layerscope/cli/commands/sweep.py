@@ -34,12 +34,12 @@ def register(app: typer.Typer) -> None:
         """Perplexity vs number of removed units for metric, reverse, random and greedy orders (JSON + chart)."""
         from layerscope.actions.prune import (
             check_output,
-            check_unit,
             config_layers,
             quiet_transformers,
             source_dtype,
             source_metric,
         )
+        from layerscope.engine.removal import check_unit
         from layerscope.evaluation import sweep as sw
         from layerscope.evaluation.perplexity import PerplexityProtocol
         from layerscope.metrics.table import ScoreTable
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
 
                 raise LayerscopeError(f"unknown metric '{s.arg}' (known: {', '.join(sorted(METRICS))}; or pass --scores)")
         loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=source_dtype(source_dir))
-        from layerscope.actions.prune import num_units
+        from layerscope.engine.removal import num_units
 
         ks = sw.parse_range(remove, num_units(loaded.model, unit), unit)
         log = (lambda s: None) if quiet else (lambda s: typer.echo(s, err=True))

@@ -46,14 +46,18 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from layerscope.engine.removal import (  # noqa: F401
+    ablation_module,
+    blocks_removed,
+    check_unit,
+    sublayers_zeroed,
+)
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.base import Column, Metric
 
@@ -67,34 +71,6 @@ REFERENCE = ("leave-one-out ablation, e.g. Men et al. 2024 (ShortGPT), Gromov et
 
 
 # --------------------------------------------------------------------------- zeroing a sublayer
-def ablation_module(parts, i: int, unit: str) -> nn.Module:
-    """The module whose output is zeroed to take `unit` ('attention' or 'mlp') of block i out."""
-    post_ln = parts.mid[i] is not None and parts.mid[i][0] == "output"
-    if unit == "attention":
-        mod = parts.attn_out_proj[i] if post_ln else parts.attention[i]
-    elif unit == "mlp":
-        mod = parts.mlp_down_proj[i] if (post_ln or parts.mlp[i] is None) else parts.mlp[i]
-    else:
-        raise LayerscopeError(f"cannot zero a '{unit}' sublayer (use 'attention' or 'mlp')")
-    if mod is None:
-        raise LayerscopeError(f"block {i} of this {parts.family} model has no {unit} module to ablate")
-    return mod
-
-
-def _zero_output(module, args, output):
-    if isinstance(output, tuple):
-        return (torch.zeros_like(output[0]),) + tuple(output[1:])
-    return torch.zeros_like(output)
-
-
-@contextmanager
-def zero_sublayer(parts, i: int, unit: str) -> Iterator[None]:
-    """Within the block, the attention / MLP sublayer of block i contributes nothing."""
-    handle = ablation_module(parts, i, unit).register_forward_hook(_zero_output)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # --------------------------------------------------------------------------- scoring
@@ -221,7 +197,7 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
                     res.block_evaluations += L - 1 - i
                     res.naive_block_evaluations += L - 1
                 else:
-                    with zero_sublayer(parts, i, unit):
+                    with sublayers_zeroed(parts, unit, [i]):
                         h = runner.forward_block(i, cache[i], batch)
                     h = _run(runner, batch, h, i + 1)
                     res.block_evaluations += L - i
@@ -233,19 +209,6 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
         del cache, ref
     res.wall_time_s = time.perf_counter() - t0
     return res
-
-
-@contextmanager
-def blocks_removed(parts, removed: Sequence[int]) -> Iterator[None]:
-    """The model's block list without `removed` for the duration (blocks physically gone)."""
-    parent_path, _, attr = parts.blocks_path.rpartition(".")
-    parent = parts.model.get_submodule(parent_path) if parent_path else parts.model
-    original = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([b for j, b in enumerate(original) if j not in set(removed)]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, original)
 
 
 @torch.no_grad()
@@ -275,11 +238,11 @@ def naive_leave_one_out(parts, batches: Sequence[dict[str, torch.Tensor]], units
         for i in range(L):
             for unit in units:
                 if unit == "block":
-                    with blocks_removed(parts, [i]):
+                    with blocks_removed(model, [i]):
                         lg = logits(inputs)
                     res.block_evaluations += L - 1
                 else:
-                    with zero_sublayer(parts, i, unit):
+                    with sublayers_zeroed(parts, unit, [i]):
                         lg = logits(inputs)
                     res.block_evaluations += L
                 kl, nll, _ = ref.score_logits(lg)
@@ -292,19 +255,26 @@ def naive_leave_one_out(parts, batches: Sequence[dict[str, torch.Tensor]], units
 
 
 @torch.no_grad()
-def greedy_block_removal(runner, steps: int, by: str = "kl") -> dict[str, Any]:
-    """Iterative ablation: remove the cheapest block, re-score the rest, repeat `steps` times.
+def greedy_removal(runner, steps: int, by: str = "kl", unit: str = "block",
+                   progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Greedy ablation, the one used everywhere: remove the unit whose removal costs least, re-score
+    the remaining units with the removed ones gone, repeat `steps` times.
 
-    Returns {"order": [blocks in removal order], "curve": [{"removed": [...], "kl": .., "dloss": ..}],
-    "by": criterion}. Each step reuses the prefix of the model with the already removed blocks gone.
+    by: "kl" (KL to the full model) or "dloss" (mean NLL change). Ties go to the lower index.
+    Returns {"order", "curve": [{"removed", "kl", "dloss", "nll"}], "by", "unit", "base_nll"}. Each
+    step caches the input of every block under the current removals once, so a candidate only
+    re-runs the blocks from itself on.
     """
     if by not in ("kl", "dloss"):
         raise LayerscopeError("greedy ablation criterion must be 'kl' or 'dloss'")
-    L = runner.parts.num_layers
+    check_unit(unit)
+    parts = runner.parts
+    L = parts.num_layers
     steps = max(0, min(int(steps), L - 1))
     removed: list[int] = []
     curve: list[dict[str, Any]] = []
-    for _ in range(steps):
+    base, n = 0.0, 0
+    for step in range(steps):
         cand = [i for i in range(L) if i not in removed]
         kl = dict.fromkeys(cand, 0.0)
         nll = dict.fromkeys(cand, 0.0)
@@ -313,18 +283,29 @@ def greedy_block_removal(runner, steps: int, by: str = "kl") -> dict[str, Any]:
             cache, h_full = _cache_inputs(runner, batch)
             ref = Reference(runner, batch.inputs["input_ids"], h_full)
             base, n = base + ref.nll, n + ref.n
-            if removed:  # the inputs of the remaining blocks with the removed ones gone
-                cache, _ = _cache_inputs(runner, batch, skip=removed)
-            for i in cand:
-                h = _run(runner, batch, cache[i], i + 1, skip=removed)
-                k, l_, _ = ref.score_hidden(h)
-                kl[i] += k
-                nll[i] += l_
+            if unit == "block":
+                if removed:  # the inputs of the remaining blocks with the removed ones gone
+                    cache, _ = _cache_inputs(runner, batch, skip=removed)
+                for i in cand:
+                    k, l_, _ = ref.score_hidden(_run(runner, batch, cache[i], i + 1, skip=removed))
+                    kl[i] += k
+                    nll[i] += l_
+            else:
+                with sublayers_zeroed(parts, unit, removed):
+                    cache, _ = _cache_inputs(runner, batch)
+                for i in cand:
+                    with sublayers_zeroed(parts, unit, [*removed, i]):
+                        k, l_, _ = ref.score_hidden(_run(runner, batch, cache[i], i))
+                    kl[i] += k
+                    nll[i] += l_
         crit = {i: (kl[i] if by == "kl" else nll[i]) for i in cand}
         best = min(cand, key=lambda i: (crit[i], i))
         removed.append(best)
-        curve.append({"removed": list(removed), "kl": kl[best] / n, "dloss": (nll[best] - base) / n})
-    return {"order": removed, "curve": curve, "by": by}
+        curve.append({"removed": list(removed), "kl": kl[best] / n, "dloss": (nll[best] - base) / n,
+                      "nll": nll[best] / n})
+        if progress:
+            progress(step + 1, best, nll[best] / n)
+    return {"order": removed, "curve": curve, "by": by, "unit": unit, "base_nll": base / n if n else None}
 
 
 # --------------------------------------------------------------------------- data
@@ -416,7 +397,7 @@ class Ablation(Metric):
         runner, desc = ablation_runner(self.ctx)
         res = leave_one_out(runner, units)
         greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
-        greedy = greedy_block_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl"))) \
+        greedy = greedy_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl"))) \
             if greedy_steps > 0 else None
         info = {
             "data": desc,

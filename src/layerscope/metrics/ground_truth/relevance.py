@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerscope.engine.removal import ablation_module
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.base import Column, Metric
-from layerscope.metrics.ground_truth.ablation import ablation_module
 
 UNITS = ("block", "attention", "mlp")
 
