@@ -18,7 +18,8 @@ from torch import nn
 from conftest import requires_smollm2
 from tiny_models import build, sample_inputs
 from layerscope.model.adapter import find_parts
-from layerscope.analysis.agreement import analyse, correlate, oriented, topk_overlap
+from layerscope.analysis.agreement import analyse
+from layerscope.analysis.agreement_stats import correlate, oriented, topk_overlap
 from layerscope.engine.runner import BlockRunner, make_batches
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.ground_truth.ablation import leave_one_out

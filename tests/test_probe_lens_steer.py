@@ -138,7 +138,7 @@ def test_padding_does_not_change_features(tok, llama):
 
 
 def test_wilson_and_depth_rule():
-    from layerscope.analysis.probes import concept_depth, wilson_interval
+    from layerscope.analysis.probe_fit import concept_depth, wilson_interval
 
     lo, hi = wilson_interval(50, 100)
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
@@ -224,7 +224,8 @@ def test_neuron_decoding_matches_direct(tok, llama):
 
 
 def test_tuned_lens_identity_equals_logit_lens(tok, llama):
-    from layerscope.analysis.lenses import LensHead, Translators, cache_states, evaluate_lenses, lens
+    from layerscope.analysis.tuned_lens import LensHead, Translators
+    from layerscope.analysis.lenses import cache_states, evaluate_lenses, lens
 
     s = _subject(llama, tok)
     head = LensHead(s.parts)
@@ -240,7 +241,8 @@ def test_tuned_lens_identity_equals_logit_lens(tok, llama):
 
 
 def test_tuned_lens_trains_and_resumes(tok, llama, tmp_path):
-    from layerscope.analysis.lenses import lens, load_tuned_lens
+    from layerscope.analysis.lenses import lens
+    from layerscope.analysis.tuned_lens import load_tuned_lens
 
     s = _subject(llama, tok)
     kw = dict(train_data=texts(), eval_data=texts(seed=9), train_tokens=128, eval_tokens=64, seq_len=32,

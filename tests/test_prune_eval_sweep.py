@@ -19,12 +19,7 @@ import yaml
 from layerscope.actions import prune as P
 from layerscope.engine import removal as R
 from layerscope.errors import LayerscopeError
-from layerscope.evaluation.perplexity import (
-    PerplexityProtocol,
-    perplexity,
-    stream_nll,
-    windows,
-)
+from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, stream_nll, windows
 
 WORDS = ("the of and to in is was for on as with by at from his her an which or be are this that were "
          "city river king war music art science law house north south old new first year great small").split()
@@ -467,11 +462,7 @@ def test_smollm2_pruned_dir_reproduces_in_memory_perplexity(tmp_path):
 
 
 def test_sweep_uses_ground_truth_greedy_order_when_present():
-    from layerscope.evaluation.sweep import (
-        ground_truth_order,
-        parse_orders,
-        parse_range,
-    )
+    from layerscope.evaluation.sweep import ground_truth_order, parse_orders, parse_range
     from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
 
     table = ScoreTable(provenance=Provenance(model_id="m", model_family="llama", num_layers=6, layerscope_version="x"))

@@ -301,12 +301,8 @@ def steer(
     `positive` and `negative` (other labels are ignored).
     """
     from layerscope.analysis.features import collect_features
-    from layerscope.analysis.probes import (
-        _as_labelled,
-        _progress_printer,
-        fit_probe,
-        probe_concept,
-    )
+    from layerscope.analysis.probes import _as_labelled, _progress_printer, probe_concept
+    from layerscope.analysis.probe_fit import fit_probe
     from layerscope.data.labelled import (
         LabelledTexts,
         balanced_subsample,

@@ -10,8 +10,18 @@ section out. Other code can add a section at run time with `register_section(key
 order)`. Charts inside a section are made with `plotly_chart(fig, name)` so the page draws them.
 """
 from layerscope.report.charts import base_layout, fmt, plotly_chart
-from layerscope.report.figures import HEAD_METRICS, heatmap_figure, importance_normalise, ranking_of
-from layerscope.report.registry import Section, register_section, sections, unregister_section
+from layerscope.report.figures import (
+    HEAD_METRICS,
+    heatmap_figure,
+    importance_normalise,
+    ranking_of,
+)
+from layerscope.report.registry import (
+    Section,
+    register_section,
+    sections,
+    unregister_section,
+)
 from layerscope.report.render import render_report, write_report
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Report section: how every cheap metric agrees with the ground truth (layerscope agree)."""
 from __future__ import annotations
 
-from layerscope.analysis.agreement import SECTION_KEY, _truth_column
+from layerscope.analysis.agreement_stats import SECTION_KEY, _truth_column
 
 
 def render(table) -> str | None:

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from layerscope.metrics.table import ScoreTable
 from layerscope.report.charts import chart_markup
-from layerscope.report.figures import UNIT_LABEL, depth_figure, depth_groups, direction_text
+from layerscope.report.figures import (
+    UNIT_LABEL,
+    depth_figure,
+    depth_groups,
+    direction_text,
+)
 from layerscope.report.jinja import render_template
 
 

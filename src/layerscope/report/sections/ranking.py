@@ -5,7 +5,12 @@ from collections import Counter
 
 from layerscope.metrics.table import ScoreTable
 from layerscope.report.charts import chart_markup
-from layerscope.report.figures import UNIT_LABEL, rank_figure, ranked_columns, ranking_of
+from layerscope.report.figures import (
+    UNIT_LABEL,
+    rank_figure,
+    ranked_columns,
+    ranking_of,
+)
 from layerscope.report.jinja import render_template
 
 RANK_K = 5

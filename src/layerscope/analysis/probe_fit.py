@@ -1,0 +1,103 @@
+"""Fitting one linear probe: standardised logistic regression with cross-validated C, Wilson intervals, the concept-depth rule."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from layerscope.errors import LayerscopeError
+
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class _Probe:
+    """Standardise + logistic regression (the pair is what `fit_probe` returns as one object)."""
+
+    def __init__(self, scaler, clf, C: float, cv_accuracy: list[float]):
+        self.scaler, self.clf, self.C, self.cv_accuracy = scaler, clf, C, cv_accuracy
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.clf.predict(self.scaler.transform(X))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.clf.predict_proba(self.scaler.transform(X))
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.clf.classes_
+
+
+def _fit_lr(X: np.ndarray, y: np.ndarray, C: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3).fit(scaler.transform(X), y)
+    return scaler, clf
+
+
+def fit_probe(X_train: np.ndarray, y_train: np.ndarray, Cs: Sequence[float] = DEFAULT_CS, cv: int = 3,
+              seed: int = 0, max_iter: int = 300) -> _Probe:
+    """Logistic regression on standardised features, C chosen by stratified k-fold CV accuracy.
+
+    The scaler is refitted inside each fold. BLAS runs single-threaded here: these problems are
+    small, and a multi-threaded BLAS on a busy machine is many times slower, not faster.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    if not Cs:
+        raise LayerscopeError("at least one value of C is needed")
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        counts = np.unique(y_train, return_counts=True)[1]
+        folds = int(min(cv, counts.min()))
+        cv_acc: list[float] = []
+        if len(Cs) > 1 and folds >= 2:
+            splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X_train, y_train))
+            for C in Cs:
+                acc = 0.0
+                for a, b in splits:
+                    sc, clf = _fit_lr(X_train[a], y_train[a], float(C), max_iter)
+                    acc += float((clf.predict(sc.transform(X_train[b])) == y_train[b]).mean())
+                cv_acc.append(acc / len(splits))
+            best = float(Cs[int(np.argmax(cv_acc))])
+        else:
+            best = float(Cs[0])
+        sc, clf = _fit_lr(X_train, y_train, best, max_iter)
+    return _Probe(sc, clf, best, cv_acc)
+
+
+def chosen_C(probe: _Probe) -> float:
+    return probe.C
+
+
+def concept_depth(acc: Sequence[float], baseline: float, fraction: float) -> int:
+    best = max(acc)
+    target = baseline + fraction * (best - baseline)
+    return next(i for i, a in enumerate(acc) if a >= target - 1e-12)
+
+
+def _split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_size < 1:
+        raise LayerscopeError(f"test_size must be between 0 and 1, got {test_size}")
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
+    return np.sort(tr), np.sort(te)
