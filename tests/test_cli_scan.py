@@ -42,7 +42,7 @@ def test_scan_cli_writes_json_csv_html(model_dir, text_file, tmp_path, monkeypat
     before = sorted(p.name for p in model_dir.iterdir())
     code, stdout, err = run([*SCAN, model_dir, "--data", text_file, "--out", out], monkeypatch, capsys)
     assert code == 0, err
-    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.csv", "report.html", ".layerscope-output.json"}
     data = json.loads((out / "scores.json").read_text())
     assert data["schema_version"] == "1.0"
     prov = data["provenance"]

@@ -127,7 +127,7 @@ def test_padding_does_not_change_features(tok, llama):
     got = {}
     ids = tok(ts[1])["input_ids"]
     from layerscope.analysis.features import pad_batch
-    from layerscope.engine.taps import run_base, tap_layers
+    from reference_taps import run_base, tap_layers
 
     x, m = pad_batch([ids], 0)
     with tap_layers(s.parts, lambda l, h: got.__setitem__(l, h[0].detach())):
@@ -271,7 +271,7 @@ def test_tuned_lens_trains_and_resumes(tok, llama, tmp_path):
 
 def test_steering_hook_changes_only_from_layer(tok, llama):
     from layerscope.analysis.features import pad_batch
-    from layerscope.engine.taps import run_base, tap_layers
+    from reference_taps import run_base, tap_layers
     from layerscope.actions.steer import random_like, steering
 
     s = _subject(llama, tok)

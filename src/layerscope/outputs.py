@@ -1,4 +1,17 @@
-"""Atomic writes: a file or directory appears complete or not at all."""
+"""Where results go: atomic writes, and the one output policy every verb follows.
+
+Output policy (`output_dir`):
+
+* `--out DIR` is created when missing; results are written into it.
+* A non-empty DIR that layerscope did not create (no marker file `.layerscope-output.json`) is
+  refused, unless `--force`; even with `--force` only files layerscope wrote (listed in the
+  marker) are ever replaced -- a user's file that collides with an output name is an error.
+* DIR must not be a file, must not lie inside a source model, and must not contain one.
+* Everything is written into a hidden staging directory first and moved into DIR only when
+  complete; on any error (or Ctrl-C) the staging directory is removed and DIR is unchanged.
+* Write errors (read-only folder, full disk) become one line naming the path.
+"""
+
 from __future__ import annotations
 
 import json
@@ -69,3 +82,116 @@ def is_inside(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
     """True if `child` is `parent` or lies below it (after resolving links)."""
     c, p = Path(child).resolve(), Path(parent).resolve()
     return c == p or p in c.parents
+
+
+MARKER = ".layerscope-output.json"
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        data = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_output(out: str | os.PathLike, *, force: bool = False, sources: tuple = ()) -> Path:
+    """Apply the output policy's checks to `out` before any work is done; return it as a Path."""
+    from layerscope.errors import LayerscopeError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LayerscopeError(f"--out {out} exists and is not a directory; layerscope will not replace it")
+    for src in sources:
+        if src is None:
+            continue
+        if is_inside(out, src):
+            raise LayerscopeError(f"output {out} is inside the source model directory {src}; choose another --out")
+        if is_inside(src, out):
+            raise LayerscopeError(f"output {out} contains the source model directory {src}; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and _read_marker(out) is None and not force:
+        raise LayerscopeError(f"--out {out} already exists and holds files layerscope did not write; choose an empty or "
+                              "new folder (or --force to add layerscope's files next to them, replacing none of yours)")
+    return out
+
+
+def claim_output(out: str | os.PathLike, names: list[str], *, verb: str, force: bool = False,
+                 sources: tuple = ()) -> Path:
+    """For verbs that write as they go (checkpoints): check `out`, create it, and record `names` as
+    layerscope's in its marker before writing them. A user's file with one of those names is an error."""
+    from layerscope import __version__
+    from layerscope.errors import LayerscopeError
+
+    out = check_output(out, force=force, sources=sources)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        marker = _read_marker(out) or {}
+        owned = set(marker.get("files", []))
+        theirs = [n for n in names if (out / n).exists() and n not in owned]
+        if theirs:
+            raise LayerscopeError(f"--out {out} already has {theirs[0]}, which layerscope did not write; "
+                                  "it is left untouched: choose another --out")
+        write_json_atomic(out / MARKER, {"written_by": f"layerscope {verb}", "layerscope_version": __version__,
+                                         "files": sorted(owned | set(names)), "complete": False})
+    except OSError as exc:
+        raise _write_error(exc, out) from None
+    return out
+
+
+def _write_error(exc: OSError, where: Path) -> Exception:
+    from layerscope.errors import LayerscopeError
+
+    reason = exc.strerror or str(exc)
+    return LayerscopeError(f"cannot write {where}: {reason}")
+
+
+@contextmanager
+def output_dir(out: str | os.PathLike, *, verb: str, force: bool = False, sources: tuple = ()) -> Iterator[Path]:
+    """Yield a staging directory; when the block succeeds its entries move into `out` (see the module
+    docstring for the policy). Nothing of the user's is deleted, moved or overwritten."""
+    from layerscope import __version__
+    from layerscope.errors import LayerscopeError
+
+    out = check_output(out, force=force, sources=sources)
+    fresh = not out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        where = out.parent if fresh else out
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}." if fresh else ".layerscope-", suffix=".partial",
+                                        dir=where))
+        os.chmod(staging, 0o777 & ~_umask())
+    except OSError as exc:
+        raise _write_error(exc, out) from None
+    try:
+        try:
+            yield staging
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise _write_error(exc, Path(exc.filename) if exc.filename else out) from None
+        marker = _read_marker(out) if not fresh else None
+        owned = set((marker or {}).get("files", []))
+        entries = sorted(p.name for p in staging.iterdir())
+        theirs = [n for n in entries if (out / n).exists() and n not in owned and not fresh]
+        if theirs:
+            raise LayerscopeError(f"--out {out} already has {theirs[0]}, which layerscope did not write; "
+                                  "it is left untouched: choose another --out")
+        record = {"written_by": f"layerscope {verb}", "layerscope_version": __version__,
+                  "files": sorted(owned | set(entries))}
+        try:
+            if fresh:
+                (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                staging.rename(out)
+                return
+            write_json_atomic(out / MARKER, {**record, "complete": False})
+            for name in entries:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)  # a directory layerscope wrote before (listed in the marker)
+                os.replace(staging / name, target)
+            write_json_atomic(out / MARKER, record)
+        except OSError as exc:
+            raise _write_error(exc, out) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -4,8 +4,9 @@ The steering vector at layer l (0 = embeddings, l = output of block l-1) is the 
 class means, positive minus negative, of the mean-pooled layer-l states of the probe sentences
 (activation addition with a mean-difference vector; Turner et al. 2023, Rimsky et al. 2024).  It
 is added, scaled to ``alpha`` times the typical residual norm at that layer (mean L2 norm of real
-tokens, first position excluded), to every position of the residual stream by a forward hook,
-during scoring and generation.  By default the layer is the sentiment probe's concept depth (see
+tokens, first position excluded), to every position of the residual stream: for scoring as an
+edit of the block-sequential engine (`BlockRunner.stream(edits=...)`), for generation (which needs
+transformers' KV cache) by the same addition in a forward hook (`steering`).  By default the layer is the sentiment probe's concept depth (see
 `layerscope.probe`), falling back to the best probe layer when no depth is found.
 
 Effect measures:
@@ -129,15 +130,16 @@ def sentiment_margin(subject, prompts: Sequence[str], pos_ids: Sequence[int], ne
                      layer: int | None = None, vector: torch.Tensor | None = None) -> np.ndarray:
     """Per prompt: log sum P(positive words) - log sum P(negative words) for the next token."""
     from layerscope.analysis.features import pad_batch, pad_id_of
+    from layerscope.engine.runner import BlockRunner
 
     tok = subject.tokenizer
     enc = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     ids, mask = pad_batch(enc, pad_id_of(tok))
     lens = mask.sum(1)
-    dev = next(subject.model.parameters()).device
-    with steering(subject.parts, layer if layer is not None else 0, vector):
-        out = subject.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-    logits = out.logits[torch.arange(len(prompts)), lens - 1].float()
+    runner = BlockRunner(subject.parts, [])
+    edits = None if vector is None else {int(layer or 0): lambda h: h + vector.to(h.dtype).to(h.device)}
+    final = runner.stream(edits=edits, inputs=[{"input_ids": ids, "attention_mask": mask}], keep_final=True)[0]
+    logits = runner.head_logits(final[torch.arange(len(prompts)), lens - 1])
     logp = torch.log_softmax(logits, -1)
     pos = torch.logsumexp(logp[:, list(pos_ids)], -1)
     neg = torch.logsumexp(logp[:, list(neg_ids)], -1)
@@ -301,8 +303,12 @@ def steer(
     `positive` and `negative` (other labels are ignored).
     """
     from layerscope.analysis.features import collect_features
-    from layerscope.analysis.probes import _as_labelled, _progress_printer, probe_concept
     from layerscope.analysis.probe_fit import fit_probe
+    from layerscope.analysis.probes import (
+        _as_labelled,
+        _progress_printer,
+        probe_concept,
+    )
     from layerscope.data.labelled import (
         LabelledTexts,
         balanced_subsample,

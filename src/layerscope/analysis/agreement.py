@@ -197,7 +197,7 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
           seq_len: int = 512, batch_size: int = 4, bootstrap: int = 20, groups: int = 8, ablation_data: str = "evaluation",
           ablation_tokens: int = 2048, gradient_tokens: int | None = None, extra_scorers: bool = True, seed: int = 0,
           trust_remote_code: bool = False, progress: bool = False, options: dict[str, Any] | None = None,
-          log=None) -> "Any":
+          log=None, force: bool = False, device: str | None = None, dtype: Any = None) -> "Any":
     """Score table with the agreement analysis in ``table.extras['agreement']``.
 
     model: as for `scan` (None = the embedded SmolLM2). scores: a ScoreTable or a scores.json path
@@ -221,17 +221,17 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
         table = scores if isinstance(scores, ScoreTable) else ScoreTable.from_json(scores)
     names = resolve_truths(table, truth)
 
-    model_id, weights_sha = None, None
+    model_id, weights_sha, loaded = None, None, None
     if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
         from layerscope.model.loading import load_model
 
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         model, model_id, weights_sha = loaded.model, loaded.model_id, loaded.weights_sha256
         tokenizer = tokenizer or loaded.tokenizer
     model.eval()
     parts = find_parts(model)
     if table is not None:
-        _check_same_model(table, parts.num_layers, weights_sha, scores)
+        table.check_same_model(weights_sha, parts.num_layers, where=scores)
         seq_len = int(table.provenance.seq_len or seq_len)
         tokens = int(table.provenance.calibration_tokens or tokens)
     options: dict[str, Any] = {"ablation_data": ablation_data, "ablation_tokens": ablation_tokens,
@@ -299,7 +299,7 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
                      second_corpus=other, corpus_names=corpora, bootstrap=bootstrap, seed=seed)
     table.extras[SECTION_KEY] = result
     if out is not None:
-        write_outputs(table, out)
+        write_outputs(table, out, force=force, sources=(loaded.path if loaded else None,))
     del torch
     return table
 
@@ -316,32 +316,17 @@ def _data_free_prefixes(table, METRICS) -> list[str]:
     return prefixes
 
 
-def _check_same_model(table, num_layers: int, weights_sha: str | None, where: Any) -> None:
-    p = table.provenance
-    label = where if isinstance(where, (str, Path)) else "the score table"
-    if p.num_layers != num_layers:
-        raise LayerscopeError(f"{label} was computed on a model with {p.num_layers} layers, "
-                              f"but this model has {num_layers}: it comes from another model")
-    for col in table.columns.values():
-        if col.unit != "head" and len(col.values) != num_layers:
-            raise LayerscopeError(f"column '{col.name}' of {label} has {len(col.values)} values for {num_layers} layers")
-    if weights_sha and p.weights_sha256 and weights_sha != p.weights_sha256:
-        raise LayerscopeError(f"{label} was computed on other weights (sha256 {p.weights_sha256[:12]}… "
-                              f"vs {weights_sha[:12]}…)")
-
-
-def write_outputs(table, out: str | Path) -> dict[str, Path]:
-    """agreement.json, scores.json and report.html in `out` (created if needed; files atomic)."""
-    from layerscope.outputs import write_json_atomic, write_text_atomic
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"agreement": write_json_atomic(out / "agreement.json", _jsonable(table.extras[SECTION_KEY])),
-             "scores": table.to_json(out / "scores.json")}
+def write_outputs(table, out: str | Path, force: bool = False, sources: tuple = ()) -> dict[str, Path]:
+    """agreement.json, scores.json and report.html in `out` (the output policy of `outputs`)."""
+    from layerscope.outputs import output_dir, write_json_atomic, write_text_atomic
     from layerscope.report import render_report
 
-    paths["report"] = write_text_atomic(out / "report.html", render_report(table))
-    return paths
+    out = Path(out)
+    with output_dir(out, verb="agree", force=force, sources=sources) as tmp:
+        write_json_atomic(tmp / "agreement.json", _jsonable(table.extras[SECTION_KEY]))
+        table.to_json(tmp / "scores.json")
+        write_text_atomic(tmp / "report.html", render_report(table))
+    return {"agreement": out / "agreement.json", "scores": out / "scores.json", "report": out / "report.html"}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layerscope.engine.taps import run_base, tap_layers
+from layerscope.engine.runner import BlockRunner
 from layerscope.errors import LayerscopeError
 from layerscope.model.subject import Subject, max_context
 
@@ -171,39 +171,40 @@ def collect_features(subject: Subject, texts: Sequence[str], *, poolings: Sequen
     norm_cnt = np.zeros(L + 1)
     pad = pad_id_of(subject.tokenizer)
     batches = length_batches(lengths, batch_size)
-    for bi, idx in enumerate(batches):
-        ids, mask = pad_batch([enc.ids[i] for i in idx], pad)
-        m = mask.float()
-        lens = mask.sum(1)
-        rows = torch.tensor(idx)
-        # The first position of a decoder is an attention sink with outsized activations; averaged in,
-        # its weight 1/length would leak the text's length into the pooled features.
-        norm_mask = m.clone()
-        if ids.shape[1] > 1:
-            norm_mask[:, 0] = 0
-        norm_mask = torch.where(norm_mask.sum(1, keepdim=True) > 0, norm_mask, m)
-        pool_mask = norm_mask if skip_first else m
-        pool_den = pool_mask.sum(1)
+    padded = [pad_batch([enc.ids[i] for i in idx], pad) for idx in batches]
+    runner = BlockRunner(parts, [])
+    with _autocast(precision, subject.model):
+        for bi, (idx, (ids, mask)) in enumerate(zip(batches, padded)):
+            m = mask.float()
+            lens = mask.sum(1)
+            rows = torch.tensor(idx)
+            # The first position of a decoder is an attention sink with outsized activations; averaged in,
+            # its weight 1/length would leak the text's length into the pooled features.
+            norm_mask = m.clone()
+            if ids.shape[1] > 1:
+                norm_mask[:, 0] = 0
+            norm_mask = torch.where(norm_mask.sum(1, keepdim=True) > 0, norm_mask, m)
+            pool_mask = norm_mask if skip_first else m
+            pool_den = pool_mask.sum(1)
 
-        def grab(layer: int, h: torch.Tensor) -> None:
-            nonlocal d
-            h = h.detach().float().cpu()
-            if d is None:
-                d = h.shape[-1]
-                for p in poolings:
-                    pooled[p] = np.zeros((L + 1, len(texts), d), dtype=np.float32)
-            if "mean" in poolings:
-                pooled["mean"][layer, rows] = ((h * pool_mask[..., None]).sum(1) / pool_den[:, None]).numpy()
-            if "last" in poolings:
-                pooled["last"][layer, rows] = h[torch.arange(h.shape[0]), lens - 1].numpy()
-            norms = h.norm(dim=-1)
-            norm_sum[layer] += float((norms * norm_mask).sum())
-            norm_cnt[layer] += float(norm_mask.sum())
+            def grab(layer: int, b: int, h: torch.Tensor) -> None:
+                nonlocal d
+                h = h.detach().float().cpu()
+                if d is None:
+                    d = h.shape[-1]
+                    for p in poolings:
+                        pooled[p] = np.zeros((L + 1, len(texts), d), dtype=np.float32)
+                if "mean" in poolings:
+                    pooled["mean"][layer, rows] = ((h * pool_mask[..., None]).sum(1) / pool_den[:, None]).numpy()
+                if "last" in poolings:
+                    pooled["last"][layer, rows] = h[torch.arange(h.shape[0]), lens - 1].numpy()
+                norms = h.norm(dim=-1)
+                norm_sum[layer] += float((norms * norm_mask).sum())
+                norm_cnt[layer] += float(norm_mask.sum())
 
-        with tap_layers(parts, grab), _autocast(precision, subject.model):
-            run_base(parts, ids, mask)
-        if progress:
-            progress(bi + 1, len(batches))
+            runner.stream(grab, inputs=[{"input_ids": ids, "attention_mask": mask}])
+            if progress:
+                progress(bi + 1, len(batches))
     for p in poolings:
         if not np.isfinite(pooled[p]).all():
             from layerscope.errors import NumericalError

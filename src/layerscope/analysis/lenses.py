@@ -58,7 +58,7 @@ def cache_states(subject, data: Any, *, n_tokens: int, seq_len: int, split: str,
                  batch_size: int = 4) -> tuple[torch.Tensor, str]:
     """Residual states [L+1, n_tokens, d] at randomly sampled positions (never position 0)."""
     from layerscope.data.windows import prepare_tokens
-    from layerscope.engine.taps import run_base, tap_layers
+    from layerscope.engine.runner import BlockRunner
     from layerscope.model.subject import max_context
 
     ctx = max_context(subject.model)
@@ -73,17 +73,17 @@ def cache_states(subject, data: Any, *, n_tokens: int, seq_len: int, split: str,
     g = torch.Generator().manual_seed(seed)
     L = subject.num_layers
     chunks: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
-    for s in range(0, ids.shape[0], batch_size):
-        batch = ids[s:s + batch_size]
-        pos = torch.stack([1 + torch.randperm(seq_len - 1, generator=g)[:per_window].sort().values
-                           for _ in range(batch.shape[0])])
-        rows = torch.arange(batch.shape[0])[:, None].expand_as(pos)
+    # the sampled positions of every window, drawn in window order from one generator
+    picks = [(torch.arange(x.shape[0])[:, None].expand(x.shape[0], per_window),
+              torch.stack([1 + torch.randperm(seq_len - 1, generator=g)[:per_window].sort().values
+                           for _ in range(x.shape[0])])) for x in ids.split(batch_size)]
 
-        def grab(layer: int, h: torch.Tensor) -> None:
-            chunks[layer].append(h[rows, pos].reshape(-1, h.shape[-1]).float().cpu())
+    def grab(layer: int, b: int, h: torch.Tensor) -> None:
+        rows, pos = picks[b]
+        chunks[layer].append(h[rows, pos].reshape(-1, h.shape[-1]).float().cpu())
 
-        with tap_layers(subject.parts, grab):
-            run_base(subject.parts, batch, torch.ones_like(batch))
+    BlockRunner(subject.parts, []).stream(grab, inputs=({"input_ids": x, "attention_mask": torch.ones_like(x)}
+                                                        for x in ids.split(batch_size)))
     states = torch.stack([torch.cat(c)[:n_tokens] for c in chunks])
     if not torch.isfinite(states).all():
         from layerscope.errors import NumericalError

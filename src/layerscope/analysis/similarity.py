@@ -117,7 +117,7 @@ def layer_similarity(model: Any = None, data: Any = "wikipedia", *, tokens: int 
                      batch_size: int = 8) -> SimilarityResult:
     """Linear CKA between all pairs of layers 0..L on calibration tokens (see the module docstring)."""
     from layerscope.data.windows import prepare_tokens
-    from layerscope.engine.taps import run_base, tap_layers
+    from layerscope.engine.runner import BlockRunner
     from layerscope.model.subject import Subject, layer_names, load_subject, max_context
 
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer)
@@ -132,14 +132,12 @@ def layer_similarity(model: Any = None, data: Any = "wikipedia", *, tokens: int 
     L = subject.num_layers
     states: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     start = 1 if skip_first and ids.shape[1] > 1 else 0
-    for s in range(0, ids.shape[0], batch_size):
-        batch = ids[s:s + batch_size]
+    def grab(layer: int, b: int, h: torch.Tensor) -> None:
+        states[layer].append(h[:, start:].reshape(-1, h.shape[-1]).float().cpu())
 
-        def grab(layer: int, h: torch.Tensor) -> None:
-            states[layer].append(h[:, start:].reshape(-1, h.shape[-1]).float().cpu())
-
-        with tap_layers(subject.parts, grab):
-            run_base(subject.parts, batch, torch.ones_like(batch))
+    runner = BlockRunner(subject.parts, [])
+    runner.stream(grab, inputs=({"input_ids": x, "attention_mask": torch.ones_like(x)}
+                                for x in ids.split(batch_size)))
     mats = [torch.cat(x)[:tokens] for x in states]
     n = int(mats[0].shape[0])
     full = cka_matrix(mats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -100,38 +100,46 @@ class BlockRunner:
                 raise
             base(**kwargs)
 
-    @torch.no_grad()
-    def capture(self) -> None:
-        """Record every block's inputs for every batch with one cheap embedding-only pass."""
-        blocks = self.parts.blocks
+    def capture(self, grad: bool = False) -> None:
+        """Record every block's inputs for every batch with one cheap embedding-only pass.
+
+        grad=True keeps the embedding output attached to the autograd graph (gradient scorers).
+        """
         for batch in self.batches:
-            records: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
+            self.capture_batch(batch, grad=grad)
 
-            def make_recorder(i: int) -> Callable:
-                def recorder(*args: Any, **kwargs: Any) -> Any:
-                    h, rest, kw = _split_hidden(args, kwargs)
-                    records[i] = (h, rest, kw)
-                    if self._returns_tuple is None:
-                        raise _StopForward
-                    return (h,) if self._returns_tuple else h
+    def capture_batch(self, batch: Batch, grad: bool = False) -> Batch:
+        """Record the inputs of every block for one batch (see `capture`)."""
+        blocks = self.parts.blocks
+        records: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
 
-                return recorder
-
-            with attention_implementation(self.parts, self._impl(batch)):
+        def make_recorder(i: int) -> Callable:
+            def recorder(*args: Any, **kwargs: Any) -> Any:
+                h, rest, kw = _split_hidden(args, kwargs)
+                records[i] = (h, rest, kw)
                 if self._returns_tuple is None:
-                    # Learn once whether blocks return a tensor or a tuple (recorders must mimic it).
+                    raise _StopForward
+                return (h,) if self._returns_tuple else h
+
+            return recorder
+
+        with torch.set_grad_enabled(grad), attention_implementation(self.parts, self._impl(batch)):
+            if self._returns_tuple is None:
+                # Learn once whether blocks return a tensor or a tuple (recorders must mimic it).
+                with torch.no_grad():
                     self._with_recorders(blocks, make_recorder, batch.inputs)
                     h, rest, kw = records[0]
                     out = blocks[0](h, *rest, **kw)
-                    self._returns_tuple = isinstance(out, tuple)
-                    records.clear()
-                self._with_recorders(blocks, make_recorder, batch.inputs)
-            if len(records) != len(blocks):
-                raise LayerscopeError(
-                    f"only {len(records)} of {len(blocks)} blocks were reached by the model's forward pass"
-                )
-            batch.first_hidden = records[0][0].detach()
-            batch.block_args = [(records[i][1], records[i][2]) for i in range(len(blocks))]
+                self._returns_tuple = isinstance(out, tuple)
+                records.clear()
+            self._with_recorders(blocks, make_recorder, batch.inputs)
+        if len(records) != len(blocks):
+            raise LayerscopeError(
+                f"only {len(records)} of {len(blocks)} blocks were reached by the model's forward pass"
+            )
+        batch.first_hidden = records[0][0] if grad else records[0][0].detach()
+        batch.block_args = [(records[i][1], records[i][2]) for i in range(len(blocks))]
+        return batch
 
     def _with_recorders(self, blocks: nn.ModuleList, make_recorder: Callable, inputs: dict) -> None:
         for i, b in enumerate(blocks):
@@ -161,6 +169,34 @@ class BlockRunner:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+    def stream(self, fn: Callable[[int, int, torch.Tensor], None] | None = None, *,
+               edits: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+               inputs: Iterable[dict[str, torch.Tensor]] | None = None,
+               keep_final: bool = False) -> list[torch.Tensor]:
+        """Run batches through every block, one batch at a time (only one batch's activations alive).
+
+        Taps: ``fn(layer, batch_index, h)`` sees the residual stream at layer 0 (input of block 0,
+        i.e. the embeddings) .. L (output of the last block). Edits: ``edits[layer](h)`` replaces
+        the stream at that layer before the tap and the next block see it (steering). `inputs`:
+        model inputs to capture and run one by one instead of the runner's own captured batches.
+        Returns the final hidden state of each batch when `keep_final`.
+        """
+        finals: list[torch.Tensor] = []
+        L = self.parts.num_layers
+        source = self.batches if inputs is None else (self.capture_batch(Batch(inputs=x)) for x in inputs)
+        for b, batch in enumerate(source):
+            h = batch.first_hidden
+            for layer in range(L + 1):
+                if layer:
+                    h = self.forward_block(layer - 1, h, batch)
+                if edits and layer in edits:
+                    h = edits[layer](h)
+                if fn is not None:
+                    fn(layer, b, h)
+            if keep_final:
+                finals.append(h)
+        return finals
 
     @staticmethod
     def check_finite(h: torch.Tensor, where: str) -> None:

@@ -144,6 +144,8 @@ def scan(
     trust_remote_code: bool = False,
     progress: bool = False,
     options: dict[str, Any] | None = None,
+    device: str | None = None,
+    dtype: Any = None,
 ) -> ScoreTable:
     """Score every block, attention/MLP sublayer and head of `model` in one block-sequential pass.
 
@@ -157,7 +159,7 @@ def scan(
     if model is None or isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         from layerscope.model.loading import load_model
 
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         model, model_id, weights_sha = loaded.model, loaded.model_id, loaded.weights_sha256
         source_tokenizer = tokenizer or loaded.tokenizer
     else:

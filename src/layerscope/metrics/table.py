@@ -92,6 +92,20 @@ class ScoreTable(BaseModel):
     def least_important(self, name: str, k: int, unit: str | None = None) -> list[int]:
         return self.ranking(name, unit)[:k]
 
+    def check_same_model(self, weights_sha256: str | None, num_layers: int, where: Any = None) -> None:
+        """Refuse a table computed on another model: other layer count, or other weights (sha256)."""
+        p = self.provenance
+        label = str(where) if isinstance(where, (str, Path)) else "the score table"
+        if p.num_layers != num_layers:
+            raise LayerscopeError(f"{label} was computed on a model with {p.num_layers} layers, "
+                                  f"but this model has {num_layers}: it comes from another model")
+        for col in self.columns.values():
+            if col.unit != "head" and len(col.values) != num_layers:
+                raise LayerscopeError(f"column '{col.name}' of {label} has {len(col.values)} values for {num_layers} layers")
+        if weights_sha256 and p.weights_sha256 and weights_sha256 != p.weights_sha256:
+            raise LayerscopeError(f"{label} was computed on other weights (sha256 {p.weights_sha256[:12]}… "
+                                  f"vs {weights_sha256[:12]}…)")
+
     def add(self, column: ScoreColumn, replace: bool = True) -> None:
         if column.name in self.columns and not replace:
             raise LayerscopeError(f"column '{column.name}' already present")

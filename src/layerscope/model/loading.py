@@ -127,6 +127,34 @@ def _auto_class(config) -> type:
     return transformers.AutoModel
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """'float32' | 'bfloat16' | 'float16' (or a torch dtype, or None = the default float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise LayerscopeError(f"unknown dtype '{dtype}' (use one of: {', '.join(DTYPES)})")
+    return DTYPES[str(dtype)]
+
+
+def resolve_device(device: str | None) -> str:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (a GPU when torch sees one, else the CPU), checked."""
+    d = (device or "cpu").strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise LayerscopeError(f"--device {device}: torch sees no CUDA GPU on this machine (use cpu or auto)")
+        if ":" in d and int(d[5:]) >= torch.cuda.device_count():
+            raise LayerscopeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+        return d
+    raise LayerscopeError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)")
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     *,
@@ -154,8 +182,7 @@ def load_model(
     except OSError as exc:
         raise LayerscopeError(f"could not load '{model_id}' (offline or not found): {str(exc).splitlines()[0]}") from None
     cls = _auto_class(config)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype)
     kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
     try:
         try:
@@ -170,7 +197,7 @@ def load_model(
         raise LayerscopeError(f"could not load weights of '{model_id}': {str(exc).splitlines()[0]}") from None
     model.eval()
     if device:
-        model.to(device)
+        model.to(resolve_device(device))
     tok = None
     if tokenizer:
         try:
@@ -179,3 +206,36 @@ def load_model(
             tok = None
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, path=path,
                        weights_sha256=weights_hash(files) if files else None)
+
+
+def _local_config(path: Path | None) -> dict | None:
+    """config.json of a local model directory as a dict (None if absent or unreadable)."""
+    if path is None:
+        return None
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def source_dtype(path: Path | None) -> torch.dtype | None:
+    """The dtype a local model directory stores (config 'dtype'/'torch_dtype'), else None."""
+    cfg = _local_config(path)
+    if cfg is None:
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    dt = getattr(torch, str(name), None) if name else None
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+def config_layers(path: Path | None) -> int | None:
+    """Number of blocks a local model directory's config declares (None if it cannot tell)."""
+    cfg = _local_config(path)
+    if cfg is None:
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(c.get(key), int):
+                return int(c[key])
+    return None

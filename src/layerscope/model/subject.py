@@ -49,13 +49,13 @@ class Subject:
 
 
 def load_subject(model: Any = None, tokenizer: Any = None, trust_remote_code: bool = False,
-                 need_tokenizer: bool = True) -> Subject:
+                 need_tokenizer: bool = True, device: str | None = None, dtype: Any = None) -> Subject:
     """Resolve a model spec (path, hub id, alias, None) or a loaded module into a Subject."""
     model_id, sha, model_dir = "in-memory", None, None
     if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
         from layerscope.model.loading import load_model
 
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         model, model_id, sha, model_dir = loaded.model, loaded.model_id, loaded.weights_sha256, loaded.path
         tokenizer = tokenizer or loaded.tokenizer
     elif isinstance(model, nn.Module):

@@ -32,7 +32,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from layerscope.compress.quant import UNQUANTIZED, Scheme, bits_per_weight, check_scheme, storage_bits
+from layerscope.compress.quant import (
+    UNQUANTIZED,
+    Scheme,
+    bits_per_weight,
+    check_scheme,
+    storage_bits,
+)
 from layerscope.errors import LayerscopeError
 
 

@@ -27,7 +27,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from layerscope.compress.quant import GGML_TYPE_FOR_BITS, UNQUANTIZED, Scheme, hqq_quant_config
+from layerscope.compress.quant import (
+    GGML_TYPE_FOR_BITS,
+    UNQUANTIZED,
+    Scheme,
+    hqq_quant_config,
+)
 from layerscope.errors import LayerscopeError
 from layerscope.plans.allocate import QuantPlan
 

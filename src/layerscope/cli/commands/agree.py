@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
@@ -28,50 +29,33 @@ def register(app: typer.Typer) -> None:
         groups: int = typer.Option(8, "--groups", help="Groups of calibration windows scanned alone for the bootstrap."),
         no_extras: bool = typer.Option(False, "--no-extras", help="Do not run grad_norm / relevance / weight_norm next to the truths."),
         option: Optional[list[str]] = typer.Option(None, "--option", help="KEY=VALUE passed to the metrics (e.g. ablation_greedy=5, quant_tokens=2048); repeatable."),
-        seed: int = typer.Option(0, "--seed"),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
+        seed: Seed = 0,
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Compare every cheap metric with ablation / gradient ground truth and say which to trust."""
         from layerscope.analysis.agreement import agree
         from layerscope.model.loading import resolve
+        from layerscope.outputs import check_output
+        from layerscope.parsing import key_values
 
         if tokens < 2 or seq_len < 2 or batch_size < 1 or ablation_tokens < 2 or bootstrap < 0 or groups < 2:
             raise LayerscopeError("--tokens, --seq-len, --ablation-tokens must be >= 2, --groups >= 2, --bootstrap >= 0")
         _, model_dir = resolve(model)
-        if model_dir is not None:
-            from layerscope.outputs import is_inside
-
-            if is_inside(out, model_dir):
-                raise LayerscopeError(f"output {out} is inside the source model directory {model_dir}; choose another --out")
+        check_output(out, force=force, sources=(model_dir,))
         log = (lambda msg: None) if quiet else (lambda msg: typer.echo(f"agree: {msg}", err=True))
         table = agree(model, scores=scores, truth=truth, out=out, data=data,
                       second_corpus=None if second_corpus.lower() == "none" else second_corpus, tokens=tokens,
                       seq_len=seq_len, batch_size=batch_size, bootstrap=bootstrap, groups=groups,
                       ablation_data=ablation_data, ablation_tokens=ablation_tokens, gradient_tokens=gradient_tokens,
                       extra_scorers=not no_extras, seed=seed, trust_remote_code=trust_remote_code, progress=not quiet,
-                      options=parse_options(option), log=log)
+                      options=key_values(option), log=log, force=force, device=device, dtype=dtype)
         if not quiet:
             print_agreement(table.extras["agreement"])
         typer.echo(f"wrote {out / 'agreement.json'}, {out / 'scores.json'}, {out / 'report.html'}")
-
-
-def parse_options(items: list[str] | None) -> dict:
-    """KEY=VALUE strings to a dict; values become int, float or str."""
-    out: dict = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LayerscopeError(f"--option expects KEY=VALUE, got '{item}'")
-        v: object = value.strip()
-        for cast in (int, float):
-            try:
-                v = cast(value)
-                break
-            except ValueError:
-                continue
-        out[key.strip()] = v
-    return out
 
 
 def print_agreement(res: dict) -> None:

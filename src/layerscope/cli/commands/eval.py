@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 DEFAULT_DATASETS = ("wikipedia:evaluation", "shakespeare:evaluation")
@@ -65,17 +66,17 @@ def register(app: typer.Typer) -> None:
         lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", help="Also run lm-evaluation-harness tasks (comma list; needs `pip install lm-eval` and the task data)."),
         lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="Examples per lm-eval task."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON to this file."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
     ) -> None:
         """Token-level perplexity with a recorded protocol, or sentence-embedding fidelity for encoders."""
         from layerscope import __version__
-        from layerscope.actions.prune import quiet_transformers
         from layerscope.model.adapter import find_parts
         from layerscope.model.fast import read_pruned_json, skip_sublayers
         from layerscope.model.loading import load_model, resolve
         from layerscope.outputs import write_json_atomic
 
-        quiet_transformers()
         if tokens < 2 or context < 2 or batch_size < 1 or sentences < 2:
             raise LayerscopeError("--tokens, --context, --batch-size and --sentences must be positive (>= 2)")
         stride = stride or context
@@ -92,7 +93,7 @@ def register(app: typer.Typer) -> None:
 
             if is_inside(out, path):
                 raise LayerscopeError(f"output {out} is inside the model directory {path}; choose another --out")
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         record = read_pruned_json(path) if path is not None else None
         if fast and record and record.get("skipped_sublayers"):
             skip_sublayers(loaded.model, record["skipped_sublayers"])
@@ -111,13 +112,16 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{p['dataset']}:{p['split']}: perplexity {r['perplexity']:.4f} "
                            f"({r['tokens_scored']} tokens scored, context {p['context_length']}, stride {p['stride']})")
         else:
-            from layerscope.evaluation.perplexity import EmbeddingProtocol, embedding_fidelity
+            from layerscope.evaluation.perplexity import (
+                EmbeddingProtocol,
+                embedding_fidelity,
+            )
 
             ref_spec = reference or ((record or {}).get("source") or {}).get("path") or \
                 ((record or {}).get("source") or {}).get("model_id")
             if not ref_spec:
                 raise LayerscopeError(f"{model_id} is an encoder: pass --reference ORIGINAL_MODEL to compare embeddings with")
-            ref = load_model(ref_spec, trust_remote_code=trust_remote_code)
+            ref = load_model(ref_spec, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
             tok = ref.tokenizer or loaded.tokenizer
             if tok is None:
                 raise LayerscopeError("embedding fidelity needs a tokenizer")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
@@ -25,25 +26,30 @@ def register(app: typer.Typer) -> None:
         neurons: Optional[str] = typer.Option(None, "--neurons", help="Blocks whose MLP neurons to decode: '3,7', '0-5' or 'all'."),
         promote: Optional[list[str]] = typer.Option(None, "--promote", help="Find the neurons that most promote this token (repeatable; '#<id>' for an id)."),
         top_k: int = typer.Option(10, "--top-k", help="Tokens per neuron."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: Seed = 0,
         out: Path = typer.Option(Path("layerscope-lens"), "--out", "-o", help="Output directory (lens.json, report.html, tuned_lens.*, checkpoint.*)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Per-layer KL to the final prediction for the logit and the tuned lens, on held-out Wikipedia."""
         from layerscope.analysis.lenses import lens
+        from layerscope.analysis.tuned_lens import ARTEFACT, CHECKPOINT
         from layerscope.model.subject import load_subject
-        from layerscope.outputs import is_inside, write_text_atomic
+        from layerscope.outputs import check_output, claim_output, output_dir
         from layerscope.report.extras import render_html
 
         if not lenses and neurons is None and not promote:
             raise LayerscopeError("--no-lenses leaves nothing to do: add --neurons or --promote")
-        subject = load_subject(model, trust_remote_code=trust_remote_code)
+        subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         subject.require_lm_head("the logit/tuned lens" if lenses else "neuron decoding")
-        if subject.model_dir is not None and is_inside(out, subject.model_dir):
-            raise LayerscopeError(f"output {out} is inside the source model directory; choose another --out")
-        if out.exists() and not out.is_dir():
-            raise LayerscopeError(f"--out {out} exists and is not a directory")
+        sources = (subject.model_dir,)
+        check_output(out, force=force, sources=sources)
+        if lenses:  # checkpoints and the tuned lens are written while training
+            claim_output(out, [f"{n}.{e}" for n in (CHECKPOINT, ARTEFACT) for e in ("json", "safetensors")],
+                         verb="lens", force=force, sources=sources)
         result = lens(subject, steps=steps, resume=resume, out=out if lenses else None, train_tokens=train_tokens,
                       eval_tokens=eval_tokens, seq_len=seq_len, batch_tokens=batch_tokens, lr=lr,
                       checkpoint_every=checkpoint_every, lenses=lenses, neurons=neurons, promote=promote,
@@ -52,9 +58,9 @@ def register(app: typer.Typer) -> None:
         extras = {"lens": d.get("lens"), "neurons": d.get("neurons")}
         page = render_html(f"layerscope lens: {subject.model_id}", extras, d,
             source=(f"train {result.train_source}; evaluation {result.eval_source}" if result.train_source else None))
-        out.mkdir(parents=True, exist_ok=True)
-        result.to_json(out / "lens.json")
-        write_text_atomic(out / "report.html", page)
+        with output_dir(out, verb="lens", force=force, sources=sources) as tmp:
+            result.to_json(tmp / "lens.json")
+            (tmp / "report.html").write_text(page, encoding="utf-8")
         if not quiet:
             if result.logit_kl is not None:
                 typer.echo(result.summary())

@@ -6,20 +6,19 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
 def write_outputs(out: Path, json_name: str, result, extras: dict, title: str, model_dir: Path | None,
-                  source: str | None = None) -> dict[str, Path]:
-    """Write <json_name> and report.html into `out`, atomically as a whole."""
-    from layerscope.outputs import atomic_directory, is_inside
+                  source: str | None = None, verb: str = "probe", force: bool = False) -> dict[str, Path]:
+    """Write <json_name> and report.html into `out` (the output policy of `outputs`)."""
+    from layerscope.outputs import output_dir
     from layerscope.report.extras import render_html
 
-    if model_dir is not None and is_inside(out, model_dir):
-        raise LayerscopeError(f"output {out} is inside the source model directory {model_dir}; choose another --out")
     d = result.to_dict()
     page = render_html(title, extras, d, source=source)
-    with atomic_directory(out, force=True) as tmp:
+    with output_dir(out, verb=verb, force=force, sources=(model_dir,)) as tmp:
         result.to_json(tmp / json_name)
         (tmp / "report.html").write_text(page, encoding="utf-8")
     return {"json": out / json_name, "html": out / "report.html"}
@@ -45,10 +44,13 @@ def register(app: typer.Typer) -> None:
         on_long: str = typer.Option("truncate", "--on-long", help="Texts over --max-length: truncate (with a warning) or error."),
         batch_size: int = typer.Option(32, "--batch-size"),
         precision: str = typer.Option("auto", "--precision", help="Forward precision for features: auto (bfloat16 autocast where the CPU/GPU has native bf16), float32, bfloat16."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: Seed = 0,
         out: Path = typer.Option(Path("layerscope-probe"), "--out", "-o", help="Output directory (probe.json, report.html)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Linear probes at every layer: accuracy with 95% CIs, shuffled-label control, concept depth."""
         import warnings
@@ -59,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
         if on_long not in ("truncate", "error"):
             raise LayerscopeError("--on-long must be 'truncate' or 'error'")
-        subject = load_subject(model, trust_remote_code=trust_remote_code)
+        subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if quiet else "default")
             if cka_only:
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
         if result.similarity is not None:
             sources.append(f"CKA: {result.similarity.source}")
         paths = write_outputs(out, "probe.json", result, extras, f"layerscope probe: {subject.model_id}",
-                              subject.model_dir, source="; ".join(sources) or None)
+                              subject.model_dir, source="; ".join(sources) or None, verb="probe", force=force)
         if not quiet:
             typer.echo(result.summary())
         typer.echo(f"wrote {paths['json']}, {paths['html']}")

@@ -40,7 +40,10 @@ def build_plan(lm, parts, *, budget: float, bits: list[int], groups: list[int], 
                log=lambda m: None):
     """(plan, score table used or None). Raises LayerscopeError on bad input before any long work."""
     from layerscope.compress.quant import check_linear
-    from layerscope.metrics.ground_truth.quant_sensitivity import kl_from_details, measure_scores
+    from layerscope.metrics.ground_truth.quant_sensitivity import (
+        kl_from_details,
+        measure_scores,
+    )
     from layerscope.plans.allocate import (
         allocate,
         check_budget,
@@ -180,7 +183,12 @@ def quantize(
 
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model
-    from layerscope.outputs import atomic_directory, is_inside, write_json_atomic, write_text_atomic
+    from layerscope.outputs import (
+        atomic_directory,
+        is_inside,
+        write_json_atomic,
+        write_text_atomic,
+    )
 
     lm = load_model(model)
     if lm.path is not None and is_inside(out, lm.path):
@@ -251,7 +259,12 @@ def quantize(
         if save_model:
             import torch
 
-            from layerscope.compress.quant import fake_quant, hqq_layers, quantize_model_hqq, save_hqq_model
+            from layerscope.compress.quant import (
+                fake_quant,
+                hqq_layers,
+                quantize_model_hqq,
+                save_hqq_model,
+            )
 
             expected = {}
             for e in plan.entries:  # what the saved layers must dequantize to

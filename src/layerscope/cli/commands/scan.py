@@ -6,17 +6,25 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import (
+    Device,
+    Dtype,
+    Force,
+    ModelArg,
+    Options,
+    Quiet,
+    Seed,
+    TrustRemoteCode,
+)
 from layerscope.errors import LayerscopeError
 
 
-def write_scan_outputs(table, out: Path, model_dir: Path | None = None) -> dict[str, Path]:
-    """Write the score table (JSON, CSV) and the HTML report into `out`, atomically as a whole."""
-    from layerscope.outputs import atomic_directory, is_inside
+def write_scan_outputs(table, out: Path, model_dir: Path | None = None, force: bool = False) -> dict[str, Path]:
+    """Write the score table (JSON, CSV) and the HTML report into `out` (the output policy of `outputs`)."""
+    from layerscope.outputs import output_dir
     from layerscope.report import render_report
 
-    if model_dir is not None and is_inside(out, model_dir):
-        raise LayerscopeError(f"output {out} is inside the source model directory {model_dir}; choose another --out")
-    with atomic_directory(out, force=True) as tmp:
+    with output_dir(out, verb="scan", force=force, sources=(model_dir,)) as tmp:
         table.to_json(tmp / "scores.json")
         table.to_csv(tmp / "scores.csv")
         (tmp / "report.html").write_text(render_report(table), encoding="utf-8")
@@ -26,7 +34,7 @@ def write_scan_outputs(table, out: Path, model_dir: Path | None = None) -> dict[
 def register(app: typer.Typer) -> None:
     @app.command("scan")
     def scan_cmd(
-        model: Optional[str] = typer.Argument(None, help="Local model directory, hub id, or 'smollm2'/'minilm'. Default: embedded SmolLM2-135M-Instruct."),
+        model: ModelArg = None,
         data: Optional[str] = typer.Option(None, "--data", help="Calibration text: 'wikipedia' (default), 'shakespeare', or a .txt/.jsonl/.csv file."),
         metrics: Optional[list[str]] = typer.Option(None, "--metrics", "-m", help="Metric names (comma-separated or repeated); 'default' or 'all'."),
         tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
@@ -34,25 +42,33 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", help="Sequences per batch."),
         attn_seqs: int = typer.Option(2, "--attn-seqs", help="Sequences run with eager attention for per-head statistics."),
         lens_tokens: Optional[int] = typer.Option(None, "--lens-tokens", help="Token positions sampled for the logit lens (default: 1/32 of the tokens, 64..1024)."),
-        seed: int = typer.Option(0, "--seed"),
-        out: Path = typer.Option(Path("layerscope-out"), "--out", "-o", help="Output directory."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the model repository."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+        option: Options = None,
+        seed: Seed = 0,
+        out: Path = typer.Option(Path("layerscope-out"), "--out", "-o", help="Output directory (created if missing)."),
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Score every block, attention/MLP sublayer and head in one block-sequential pass."""
         from rich.console import Console
 
         from layerscope.metrics.scan import resolve_metrics, scan
         from layerscope.model.loading import resolve
+        from layerscope.outputs import check_output
+        from layerscope.parsing import key_values
 
         if tokens < 1 or seq_len < 2 or batch_size < 1 or attn_seqs < 0 or (lens_tokens is not None and lens_tokens < 1):
             raise LayerscopeError("--tokens, --seq-len, --batch-size and --lens-tokens must be positive")
         names = resolve_metrics(metrics)
+        options = key_values(option)
         _, model_dir = resolve(model)
+        check_output(out, force=force, sources=(model_dir,))  # before the work, not after it
         table = scan(model, data, names, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                     attn_seqs=attn_seqs, lens_tokens=lens_tokens, seed=seed,
-                     trust_remote_code=trust_remote_code, progress=not quiet)
-        paths = write_scan_outputs(table, out, model_dir)
+                     attn_seqs=attn_seqs, lens_tokens=lens_tokens, seed=seed, options=options,
+                     trust_remote_code=trust_remote_code, progress=not quiet, device=device, dtype=dtype)
+        paths = write_scan_outputs(table, out, model_dir, force=force)
         if not quiet:
             print_summary(Console(stderr=False), table)
         typer.echo(f"wrote {paths['json']}, {paths['csv']}, {paths['html']}")

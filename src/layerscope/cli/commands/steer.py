@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
+
 
 def register(app: typer.Typer) -> None:
     @app.command("steer")
@@ -22,24 +24,27 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(5, "--seeds", help="Random vectors of equal norm to compare against."),
         compare: str = typer.Option("all", "--compare", help="Other layers to try: all, every:N, or a comma list."),
         generate: int = typer.Option(0, "--generate", help="Also generate this many tokens per prompt and score them with the probe."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: Seed = 0,
         out: Path = typer.Option(Path("layerscope-steer"), "--out", "-o", help="Output directory (steer.json, report.html)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Steering vector = mean(positive) - mean(negative) states; effect vs other layers and random vectors."""
         from layerscope.actions.steer import steer
         from layerscope.cli.commands.probe import write_outputs
         from layerscope.model.subject import load_subject
 
-        subject = load_subject(model, trust_remote_code=trust_remote_code)
+        subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         subject.require_lm_head("steering")
         result = steer(subject, layer, alpha, data=data, positive=positive, negative=negative,
                        text_field=text_field, label_field=label_field, n=n, seeds=seeds, compare=compare,
                        generate_tokens=generate, seed=seed, progress=not quiet)
         paths = write_outputs(out, "steer.json", result, {"steer": result.to_dict()},
                               f"layerscope steer: {subject.model_id}", subject.model_dir,
-                              source=f"{len(result.prompts)} neutral prompts; direction from {n} labelled sentences")
+                              source=f"{len(result.prompts)} neutral prompts; direction from {n} labelled sentences", verb="steer", force=force)
         if not quiet:
             typer.echo(result.summary())
         typer.echo(f"wrote {paths['json']}, {paths['html']}")

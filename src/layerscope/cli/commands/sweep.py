@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
@@ -27,33 +28,34 @@ def register(app: typer.Typer) -> None:
         greedy_data: str = typer.Option("wikipedia", "--greedy-data", help="Text for the greedy order (its calibration split)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random orders."),
         out: Path = typer.Option(Path("layerscope-sweep"), "--out", "-o", help="Output directory."),
-        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-        quiet: bool = typer.Option(False, "--quiet", "-q"),
+        force: Force = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        trust_remote_code: TrustRemoteCode = False,
+        quiet: Quiet = False,
     ) -> None:
         """Perplexity vs number of removed units for metric, reverse, random and greedy orders (JSON + chart)."""
-        from layerscope.actions.prune import (
-            check_output,
-            config_layers,
-            quiet_transformers,
-            source_dtype,
-            source_metric,
-        )
         from layerscope.engine.removal import check_unit
         from layerscope.evaluation import sweep as sw
         from layerscope.evaluation.perplexity import PerplexityProtocol
         from layerscope.metrics.table import ScoreTable
-        from layerscope.model.loading import load_model, resolve
+        from layerscope.model.loading import (
+            config_layers,
+            load_model,
+            resolve,
+            source_dtype,
+        )
+        from layerscope.outputs import check_output
+        from layerscope.plans.prune import metric_for_column as source_metric
 
         check_unit(unit)
-        quiet_transformers()
         specs = sw.parse_orders(orders)
         protocol = PerplexityProtocol(dataset=dataset, split=split, context_length=context,
                                       stride=stride or context, max_tokens=tokens, batch_size=batch_size)
         if protocol.stride > protocol.context_length or protocol.stride < 1 or tokens < 2 or batch_size < 1:
             raise LayerscopeError("--stride must be between 1 and --context; --tokens and --batch-size must be positive")
         _, source_dir = resolve(model)
-        check_output(out, source_dir, force)
+        check_output(out, force=force, sources=(source_dir,))
         n_cfg = config_layers(source_dir)
         if n_cfg is not None:
             sw.parse_range(remove, n_cfg, unit)
@@ -65,10 +67,13 @@ def register(app: typer.Typer) -> None:
                 from layerscope.metrics import METRICS
 
                 raise LayerscopeError(f"unknown metric '{s.arg}' (known: {', '.join(sorted(METRICS))}; or pass --scores)")
-        loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=source_dtype(source_dir))
+        loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=dtype or source_dtype(source_dir),
+                            device=device)
         from layerscope.engine.removal import num_units
 
         ks = sw.parse_range(remove, num_units(loaded.model, unit), unit)
+        if table is not None:
+            table.check_same_model(loaded.weights_sha256, num_units(loaded.model, unit), where=scores)
         log = (lambda s: None) if quiet else (lambda s: typer.echo(s, err=True))
         needs_table = any(s.kind in ("metric", "default", "metrics", "reverse") for s in specs)
         if table is None and needs_table:
@@ -88,21 +93,18 @@ def register(app: typer.Typer) -> None:
 def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
     """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
     from layerscope.evaluation import sweep as sw
-    from layerscope.outputs import atomic_directory, write_json_atomic
+    from layerscope.outputs import output_dir, write_json_atomic
 
     names = ["sweep.json", "sweep.png"]
-    with atomic_directory(out, force=force) as tmp:
+    with output_dir(out, verb="sweep", force=force) as tmp:
         write_json_atomic(tmp / "sweep.json", res)
         sw.save_png(res, tmp / "sweep.png")
         if table is not None:
             table.extras[sw.SWEEP_KEY] = res
             table.to_json(tmp / "scores.json")
             names.append("scores.json")
-            try:
-                from layerscope.report import render_report
-            except ImportError:
-                render_report = None
-            if render_report is not None:
-                (tmp / "report.html").write_text(render_report(table), encoding="utf-8")
-                names.append("report.html")
+            from layerscope.report import render_report
+
+            (tmp / "report.html").write_text(render_report(table), encoding="utf-8")
+            names.append("report.html")
     return [out / n for n in names]

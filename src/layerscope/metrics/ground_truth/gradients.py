@@ -1,4 +1,4 @@
-"""Gradient scorers: one forward + backward of the full model over calibration data.
+"""Gradient scorers: one forward + backward over calibration data, through the block-sequential engine.
 
 Loss: L = mean next-token NLL over every position with a next token in the calibration windows
 (the scan's windows; option ``gradient_tokens`` keeps only the first windows up to that many
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from layerscope.engine.runner import Batch, BlockRunner
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.base import Column, Metric
 
@@ -141,6 +142,15 @@ def _next_token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
                            reduction="sum")
 
 
+def _engine_logits(runner: BlockRunner, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for windows `x`, with autograd, through the block-sequential engine."""
+    batch = runner.capture_batch(Batch(inputs={"input_ids": x, "attention_mask": torch.ones_like(x)}), grad=True)
+    h = batch.first_hidden
+    for i in range(runner.parts.num_layers):
+        h = runner.forward_block(i, h, batch)
+    return runner.head_logits(h)
+
+
 def gradient_statistics(parts, ids: torch.Tensor, micro_batch: int = 1) -> GradientStats:
     """Taylor, Fisher and gradient norms of every block / sublayer on token windows `ids` [N, T]."""
     if not parts.has_lm_head:
@@ -179,6 +189,7 @@ def gradient_statistics(parts, ids: torch.Tensor, micro_batch: int = 1) -> Gradi
     n_seq, T = ids.shape
     N = n_seq * (T - 1)
     micro_batch = max(1, int(micro_batch))
+    runner = BlockRunner(parts, [])
     t0 = time.perf_counter()
     try:
         with PeakRSS() as mem, torch.enable_grad():
@@ -196,7 +207,7 @@ def gradient_statistics(parts, ids: torch.Tensor, micro_batch: int = 1) -> Gradi
                 n_b = x.shape[0] * (T - 1)
                 w = n_b / N
                 scale["inv_w"] = 1.0 / w  # the hooks see w * dL_b/dw
-                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+                logits = _engine_logits(runner, x)
                 nll = _next_token_nll_sum(logits, x)
                 total_nll += float(nll.detach())
                 (nll / n_b * w).backward()

@@ -1,4 +1,5 @@
-"""Taps: read the residual stream at every layer while the model runs (hooks on the blocks)."""
+"""Independent reference for tests: read the residual stream with forward hooks during a plain transformers forward
+(layerscope itself reads it through the block-sequential engine, `BlockRunner.stream`)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
