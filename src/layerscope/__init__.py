@@ -1,6 +1,7 @@
 """layerscope: which layers of this transformer matter, and what to do about it.
 
-The Python API mirrors the CLI verbs: scan, agree, prune, evaluate, sweep, quantize, probe, lens, steer.
+The Python API has the CLI's shape: scan, agree, plan_prune/prune, plan_quantize/quantize, sweep, probe, lens,
+steer, perplexity, load, render_report, load_result.
 """
 __version__ = "0.1.0"
 
@@ -13,8 +14,14 @@ _LAZY = {
     "agree": ("analysis.agreement", "agree"),
     "probe": ("analysis.probes", "probe"),
     "lens": ("analysis.lenses", "lens"),
+    "plan_prune": ("plans.prune", "plan_prune"),
     "prune": ("actions.prune", "prune"),
-    "quantize": ("cli.commands.quantize", "quantize"),
+    "PrunePlan": ("plans.prune", "PrunePlan"),
+    "plan_quantize": ("actions.quantize", "plan_quantize"),
+    "quantize": ("actions.quantize", "quantize"),
+    "QuantPlan": ("plans.quantize", "QuantPlan"),
+    "sweep": ("evaluation.sweep", "run_sweep"),
+    "load_result": ("results", "load_result"),
     "steer": ("actions.steer", "steer"),
     "load": ("model.fast", "load"),
     "perplexity": ("evaluation.perplexity", "perplexity"),

@@ -32,6 +32,7 @@ from layerscope.engine.removal import (
 )
 from layerscope.errors import LayerscopeError
 from layerscope.plans.prune import PrunePlan, resolve_plan
+from layerscope.results import Result
 
 PRUNED_JSON = "layerscope_pruned.json"
 MERGEKIT_YAML = "mergekit.yaml"
@@ -82,12 +83,35 @@ def _dtype_name(model: nn.Module) -> str:
 
 
 @dataclass
-class PruneResult:
+class PruneResult(Result):
+    """What `prune` wrote: the directory and its record (`layerscope_pruned.json`, kind layerscope.prune)."""
+
+    kind = "layerscope.prune"
     out: Path
     unit: str
     removed: list[int]
     kept: list[int]
     provenance: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.provenance}
+
+    @classmethod
+    def summary_of(cls, d: dict[str, Any]) -> str:
+        sel = d.get("selection") or {}
+        how = f"by {sel.get('by')} ({sel.get('method')})" if sel.get("by") and sel.get("method") != "explicit" else "as listed"
+        noun = "blocks" if d["unit"] == "block" else f"{d['unit']} sublayers"
+        return f"removed {noun} {', '.join(map(str, d['removed']))} of {d['source']['num_layers']} {how}"
+
+    @classmethod
+    def table_of(cls, d: dict[str, Any]):
+        from layerscope.report.extras import extras_table
+
+        src = d["source"]
+        prov = {"model_id": f"{src.get('model_id')} (pruned)", "model_family": src.get("family", ""),
+                "weights_sha256": src.get("weights_sha256"), "num_layers": src.get("num_layers", 0),
+                "created": d.get("created", "")}
+        return extras_table({"prune": d}, prov)
 
 
 def write_pruned(model: nn.Module, tokenizer: Any, plan: PrunePlan, out: str | Path, *, source_id: str,
@@ -95,7 +119,12 @@ def write_pruned(model: nn.Module, tokenizer: Any, plan: PrunePlan, out: str | P
     """Apply `plan` to `model` (in place: the model is changed) and write the pruned directory `out`."""
     from layerscope import __version__
     from layerscope.model.adapter import find_parts
-    from layerscope.outputs import check_output, output_dir, write_json_atomic
+    from layerscope.outputs import (
+        check_output,
+        output_dir,
+        write_json_atomic,
+        write_text_atomic,
+    )
 
     unit = check_unit(plan.unit)
     out = check_output(out, force=force, sources=(source_dir,))
@@ -135,8 +164,10 @@ def write_pruned(model: nn.Module, tokenizer: Any, plan: PrunePlan, out: str | P
                 mergekit_yaml(str(source_dir or source_id), keep, _dtype_name(model), removed), encoding="utf-8")
             prov["mergekit"] = MERGEKIT_YAML
         plan.save(tmp / PLAN_YAML)
-        write_json_atomic(tmp / PRUNED_JSON, prov)
-    return PruneResult(out=out, unit=unit, removed=removed, kept=keep, provenance=prov)
+        result = PruneResult(out=out, unit=unit, removed=removed, kept=keep, provenance=prov)
+        write_json_atomic(tmp / PRUNED_JSON, result.to_dict())
+        write_text_atomic(tmp / "report.html", result.report_html())
+    return result
 
 
 def prune(model: Any = None, plan: PrunePlan | str | Path | None = None, *, out: str | Path, force: bool = False,

@@ -22,18 +22,17 @@ Effect measures:
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from layerscope.errors import LayerscopeError
+from layerscope.results import Result
 
 DEFAULT_PROMPTS = (
     "I watched the movie yesterday and it was",
@@ -183,7 +182,9 @@ def generate(subject, prompts: Sequence[str], n_tokens: int, layer: int, vector:
 
 
 @dataclass
-class SteerResult:
+class SteerResult(Result):
+    kind = "layerscope.steer"
+
     model_id: str
     model_family: str
     weights_sha256: str | None
@@ -221,30 +222,31 @@ class SteerResult:
         d["layer_convention"] = "layer 0 = embeddings (input of block 0); layer l = output of block l-1"
         return _jsonable(d)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
-        if path is not None:
-            from layerscope.outputs import write_text_atomic
-
-            write_text_atomic(path, text + "\n")
-        return text
-
-    def summary(self) -> str:
-        c, r = self.chosen, self.random
-        lines = [f"{self.model_id}: steering at layer {self.layer} ({self.layer_reason}), alpha {self.alpha} "
-                 f"(vector norm {self.vector_norm:.2f} = alpha x residual norm {self.residual_norm:.2f})",
-                 f"  margin shift at layer {self.layer}: {c['mean']:+.3f} nats (sd {c['std']:.3f} over "
-                 f"{len(self.prompts)} prompts, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]); "
-                 f"-alpha: {self.chosen_negative['mean']:+.3f}",
+    @classmethod
+    def summary_of(cls, d: dict) -> str:
+        c, r = d["chosen"], d["random"]
+        layers = {int(k): v for k, v in d["layers"].items()}
+        lines = [f"{d['model_id']}: steering at layer {d['layer']} ({d['layer_reason']}), alpha {d['alpha']} "
+                 f"(vector norm {d['vector_norm']:.2f} = alpha x residual norm {d['residual_norm']:.2f})",
+                 f"  margin shift at layer {d['layer']}: {c['mean']:+.3f} nats (sd {c['std']:.3f} over "
+                 f"{len(d['prompts'])} prompts, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]); "
+                 f"-alpha: {d['chosen_negative']['mean']:+.3f}",
                  f"  random vectors of equal norm ({len(r['per_seed'])} seeds): mean {r['mean']:+.3f}, "
                  f"sd {r['std']:.3f}, max |shift| {r['max_abs']:.3f}"]
-        best = max(self.layers, key=lambda k: self.layers[k]["mean"])
-        lines.append(f"  other layers: largest shift {self.layers[best]['mean']:+.3f} at layer {best}; "
-                     + ", ".join(f"{k}:{v['mean']:+.2f}" for k, v in sorted(self.layers.items())))
-        if self.generation:
+        best = max(layers, key=lambda k: layers[k]["mean"])
+        lines.append(f"  other layers: largest shift {layers[best]['mean']:+.3f} at layer {best}; "
+                     + ", ".join(f"{k}:{v['mean']:+.2f}" for k, v in sorted(layers.items())))
+        if d['generation']:
             lines.append("  generated text, probe P(positive): " + ", ".join(
-                f"{k} {v['p_positive_mean']:.3f}" for k, v in self.generation["conditions"].items()))
+                f"{k} {v['p_positive_mean']:.3f}" for k, v in d['generation']["conditions"].items()))
         return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict):
+        from layerscope.report.extras import extras_table
+
+        n = (d.get("options") or {}).get("n")
+        return extras_table({"steer": d}, d, source=f"{len(d['prompts'])} neutral prompts; direction from {n} labelled sentences")
 
 
 def _parse_compare(spec: Any, L: int) -> list[int]:

@@ -58,6 +58,7 @@ from layerscope.analysis.agreement_stats import (
     resolve_truths,
 )
 from layerscope.errors import LayerscopeError
+from layerscope.results import Result
 
 AGREEMENT_VERSION = 1
 EXTRA_SCORERS = ("grad_norm", "relevance", "weight_norm")  # run by `agree` next to the truths
@@ -316,14 +317,38 @@ def _data_free_prefixes(table, METRICS) -> list[str]:
     return prefixes
 
 
+class AgreementResult(Result):
+    """The agreement analysis (agreement.json, kind layerscope.agreement); the full table is scores.json."""
+
+    kind = "layerscope.agreement"
+
+    def __init__(self, analysis: dict[str, Any], table):
+        self.analysis, self.table = analysis, table
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.table.provenance
+        return {"provenance": p.model_dump(mode="json"), **_jsonable(self.analysis)}
+
+    @classmethod
+    def summary_of(cls, d: dict[str, Any]) -> str:
+        return str(d.get("answer", ""))
+
+    @classmethod
+    def table_of(cls, d: dict[str, Any]):
+        from layerscope.metrics.table import Provenance, ScoreTable
+
+        analysis = {k: v for k, v in d.items() if k not in ("provenance", "kind", "schema_version", "layerscope_version")}
+        return ScoreTable(provenance=Provenance.model_validate(d["provenance"]), extras={SECTION_KEY: analysis})
+
+
 def write_outputs(table, out: str | Path, force: bool = False, sources: tuple = ()) -> dict[str, Path]:
     """agreement.json, scores.json and report.html in `out` (the output policy of `outputs`)."""
-    from layerscope.outputs import output_dir, write_json_atomic, write_text_atomic
+    from layerscope.outputs import output_dir, write_text_atomic
     from layerscope.report import render_report
 
     out = Path(out)
     with output_dir(out, verb="agree", force=force, sources=sources) as tmp:
-        write_json_atomic(tmp / "agreement.json", _jsonable(table.extras[SECTION_KEY]))
+        AgreementResult(table.extras[SECTION_KEY], table).to_json(tmp / "agreement.json")
         table.to_json(tmp / "scores.json")
         write_text_atomic(tmp / "report.html", render_report(table))
     return {"agreement": out / "agreement.json", "scores": out / "scores.json", "report": out / "report.html"}

@@ -24,7 +24,6 @@ the model's final prediction.  The trained lens is saved as ``tuned_lens.safeten
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import sys
 import time
@@ -43,6 +42,7 @@ from layerscope.analysis.tuned_lens import (
     train_translators,
 )
 from layerscope.errors import LayerscopeError
+from layerscope.results import Result
 
 # =========================================================================== lens head
 
@@ -128,7 +128,9 @@ def evaluate_lenses(head: LensHead, states: torch.Tensor, translators: Translato
 
 
 @dataclass
-class LensResult:
+class LensResult(Result):
+    kind = "layerscope.lens"
+
     model_id: str
     model_family: str
     weights_sha256: str | None
@@ -184,23 +186,26 @@ class LensResult:
             "notes": self.notes, "created": self.created, "layerscope_version": __version__,
         })
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
-        if path is not None:
-            from layerscope.outputs import write_text_atomic
-
-            write_text_atomic(path, text + "\n")
-        return text
-
-    def summary(self) -> str:
-        lines = [f"{self.model_id}: tuned lens {self.steps} steps on {self.train_tokens} tokens, "
-                 f"evaluated on {self.eval_tokens} held-out tokens"]
-        if self.logit_kl is not None:
-            lines.append(f"{'layer':>5} {'logit KL':>9} {'tuned KL':>9} {'logit top1':>10} {'tuned top1':>10}")
-            for i in range(len(self.logit_kl)):
-                lines.append(f"{i:>5} {self.logit_kl[i]:>9.3f} {self.tuned_kl[i]:>9.3f} "
-                             f"{self.logit_top1[i]:>10.3f} {self.tuned_top1[i]:>10.3f}")
+    @classmethod
+    def summary_of(cls, d: dict) -> str:
+        ln = d.get("lens")
+        if not ln:
+            return f"{d['model_id']}: neuron decoding only (no lenses)"
+        lines = [f"{d['model_id']}: tuned lens {ln['steps']} steps on {ln['train_tokens']} tokens, "
+                 f"evaluated on {ln['eval_tokens']} held-out tokens",
+                 f"{'layer':>5} {'logit KL':>9} {'tuned KL':>9} {'logit top1':>10} {'tuned top1':>10}"]
+        for i in range(len(ln["logit_kl"])):
+            lines.append(f"{i:>5} {ln['logit_kl'][i]:>9.3f} {ln['tuned_kl'][i]:>9.3f} "
+                         f"{ln['logit_top1'][i]:>10.3f} {ln['tuned_top1'][i]:>10.3f}")
         return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict):
+        from layerscope.report.extras import extras_table
+
+        ln = d.get("lens") or {}
+        source = f"train {ln['train_source']}; evaluation {ln['eval_source']}" if ln.get("train_source") else None
+        return extras_table({"lens": d.get("lens"), "neurons": d.get("neurons")}, d, source=source)
 
 
 def lens(

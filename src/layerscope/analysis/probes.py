@@ -27,7 +27,6 @@ proxy for the other.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import sys
 import time
@@ -58,6 +57,7 @@ from layerscope.data.labelled import (
 )
 from layerscope.errors import LayerscopeError
 from layerscope.model.subject import Subject, layer_names, load_subject
+from layerscope.results import Result
 
 # =========================================================================== models
 
@@ -203,7 +203,9 @@ def probe_concept(feats: LayerFeatures, data: LabelledTexts, *, test_size: float
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(Result):
+    kind = "layerscope.probe"
+
     model_id: str
     model_family: str
     weights_sha256: str | None
@@ -219,7 +221,7 @@ class ProbeResult:
     def depth(self, concept: str) -> int | None:
         return self.concepts[concept].depth
 
-    def to_dict(self) -> dict:
+    def _raw_dict(self) -> dict:
         from layerscope import __version__
 
         return {
@@ -239,22 +241,30 @@ class ProbeResult:
             "layerscope_version": __version__,
         }
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=False)
-        if path is not None:
-            from layerscope.outputs import write_text_atomic
-
-            write_text_atomic(path, text + "\n")
-        return text
-
-    def summary(self) -> str:
-        lines = [f"{self.model_id} ({self.model_family}, {self.num_layers} blocks)"]
-        for name, c in self.concepts.items():
-            for p, r in c.poolings.items():
-                ctrl = f", control mean {np.mean(r.control):.3f}" if r.control else ""
-                lines.append(f"  {name} [{p}]: best {r.best_accuracy:.3f} at layer {r.best_layer}, depth "
-                             f"{r.depth if r.depth is not None else 'n/a'} (majority {c.majority:.3f}{ctrl})")
+    @classmethod
+    def summary_of(cls, d: dict) -> str:
+        lines = [f"{d['model_id']} ({d['model_family']}, {d['num_layers']} blocks)"]
+        for name, c in (d.get("concepts") or {}).items():
+            for p, r in c["poolings"].items():
+                ctrl = f", control mean {np.mean(r['control']):.3f}" if r.get("control") else ""
+                depth = r["depth"] if r["depth"] is not None else "n/a"
+                lines.append(f"  {name} [{p}]: best {r['best_accuracy']:.3f} at layer {r['best_layer']}, depth "
+                             f"{depth} (majority {c['majority']:.3f}{ctrl})")
         return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict):
+        from layerscope.report.extras import extras_table
+
+        extras = {"probe": {k: v for k, v in d.items() if k != "similarity"} if d.get("concepts") else None,
+                  "layer_similarity": d.get("similarity")}
+        sources = sorted({c["source"] for c in (d.get("concepts") or {}).values()})
+        if d.get("similarity"):
+            sources.append(f"CKA: {d['similarity']['source']}")
+        return extras_table(extras, d, source="; ".join(sources) or None)
+
+    def to_dict(self) -> dict:
+        return _jsonable(self._raw_dict())
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,17 +17,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Verb modules, in the order `--help` lists them. Missing ones are skipped.
-COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer")
+# Verb modules (the CLI's registry), in the order `--help` lists them.
+COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "report")
 
 for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"layerscope.cli.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"layerscope.cli.commands.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"layerscope.cli.commands.{_name}").register(app)
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":

@@ -229,7 +229,11 @@ VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz
 def prepare_sentiment(spec: "AssetSpec", archive: Path, out: Path, report: "_Reporter") -> dict:
     import io
 
-    from layerscope.data.corpora import SENTIMENT_FILES, SENTIMENT_JSON, parse_sentiment_dir
+    from layerscope.data.corpora import (
+        SENTIMENT_FILES,
+        SENTIMENT_JSON,
+        parse_sentiment_dir,
+    )
 
     report(f"{spec.name}: extracting hutto_ICWSM_2014")
     with tarfile.open(archive, "r:gz") as outer:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from layerscope.errors import LayerscopeError
+from layerscope.results import Result
 
 SWEEP_KEY = "sweep"
 
@@ -171,6 +172,40 @@ def _band(rows: list[list[float]]) -> dict[str, list[float]]:
     a = np.array(rows, dtype=float)
     return {"median": [float(v) for v in np.median(a, axis=0)], "min": [float(v) for v in a.min(axis=0)],
             "max": [float(v) for v in a.max(axis=0)]}
+
+
+class RemovalSweep(Result):
+    """A removal sweep (sweep.json, kind layerscope.sweep): the curves of every ordering."""
+
+    kind = "layerscope.sweep"
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+    @classmethod
+    def summary_of(cls, d: dict[str, Any]) -> str:
+        last = len(d["ks"]) - 1
+        rows = [(c["label"], c["perplexity"][last]) for c in d.get("curves", [])]
+        if d.get("greedy"):
+            rows.append(("greedy ablation", d["greedy"]["perplexity"][last]))
+        if d.get("random"):
+            rows.append((f"random median of {d['random']['n']}", d["random"]["median"][last]))
+        lines = [f"{d.get('model_id', '')}: perplexity after removing {d['ks'][last]} {d['unit']}s "
+                 f"(baseline {d['baseline']:.3f})"]
+        lines += [f"  {label:<36} {y:.3f}" for label, y in sorted(rows, key=lambda r: r[1])]
+        return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict[str, Any]):
+        from layerscope.report.extras import extras_table
+
+        prov = {"model_id": d.get("model_id", ""), "model_family": d.get("model_family", ""),
+                "weights_sha256": d.get("weights_sha256"), "num_layers": d.get("num_units", 0),
+                "created": d.get("created", "")}
+        return extras_table({SWEEP_KEY: d}, prov)
 
 
 def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[int], orders: Sequence[OrderSpec],

@@ -51,6 +51,9 @@ class Provenance(BaseModel):
 
 
 class ScoreTable(BaseModel):
+    """The scores of every layer by every metric: `layerscope scan`'s result (kind layerscope.scores)."""
+
+    kind: Literal["layerscope.scores"] = "layerscope.scores"
     schema_version: str = SCHEMA_VERSION
     provenance: Provenance
     columns: dict[str, ScoreColumn] = Field(default_factory=dict)
@@ -110,6 +113,26 @@ class ScoreTable(BaseModel):
         if column.name in self.columns and not replace:
             raise LayerscopeError(f"column '{column.name}' already present")
         self.columns[column.name] = column
+
+    # ------------------------------------------------------------------ the result contract
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def report_table(self) -> "ScoreTable":
+        return self
+
+    def summary(self, k: int = 5) -> str:
+        """The model and data, then the k least important units by every ranking metric."""
+        p = self.provenance
+        wall = f", {p.wall_time_s:.1f} s" if p.wall_time_s is not None else ""
+        lines = [f"{p.model_id} ({p.model_family}, {p.num_layers} blocks) on {p.calibration_source}, "
+                 f"{p.calibration_tokens} tokens{wall}"]
+        for name, col in self.columns.items():
+            if col.direction is None or col.unit == "head":
+                continue
+            lines.append(f"  {name:<36} ({col.direction}): least important {', '.join(map(str, self.least_important(name, k)))}")
+        lines += [f"  skipped {m}: {why}" for m, why in p.skipped.items()]
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ files
     def to_json(self, path: str | Path) -> Path:

@@ -30,7 +30,7 @@ import random as _random
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from layerscope.compress.quant import (
     UNQUANTIZED,
@@ -40,56 +40,9 @@ from layerscope.compress.quant import (
     storage_bits,
 )
 from layerscope.errors import LayerscopeError
-
+from layerscope.plans.quantize import PlanEntry, QuantPlan
 
 # --------------------------------------------------------------------------- plan model
-class PlanEntry(BaseModel):
-    name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
-    block: int
-    linear: str  # name inside the block
-    sublayer: str  # attention | mlp
-    shape: list[int]  # [out, in]
-    bits: int
-    group_size: int
-    bpw: float  # storage bits per weight of this layer in `fmt`
-
-
-class QuantPlan(BaseModel):
-    strategy: str = Field(description="milp | uniform | llamacpp | random")
-    by: str | None = Field(None, description="what ranked the layers (metric name, quant_sensitivity, ...)")
-    granularity: str = "block"
-    method: str = "rtn"
-    fmt: str = "hqq"
-    budget_bpw: float | None = None
-    achieved_bpw: float
-    nominal_bits: float = Field(description="parameter-weighted mean bit width, without scales/zeros")
-    objective: float | None = None
-    options: list[dict] = Field(default_factory=list)
-    num_layers: int
-    blocks_path: str = ""
-    entries: list[PlanEntry]
-    notes: list[str] = Field(default_factory=list)
-    provenance: dict[str, Any] = Field(default_factory=dict)
-
-    def assignment(self) -> dict[str, Scheme]:
-        return {e.name: Scheme(e.bits, e.group_size, self.method) for e in self.entries}
-
-    def block_labels(self) -> list[str]:
-        """Per block: '4b/g64' when uniform inside the block, else 'mixed'."""
-        out = []
-        for i in range(self.num_layers):
-            labels = {Scheme(e.bits, e.group_size).label for e in self.entries if e.block == i}
-            out.append(labels.pop() if len(labels) == 1 else ("mixed" if labels else "-"))
-        return out
-
-    def block_bits(self) -> list[float]:
-        """Parameter-weighted mean nominal bits per block."""
-        out = []
-        for i in range(self.num_layers):
-            es = [e for e in self.entries if e.block == i]
-            n = sum(e.shape[0] * e.shape[1] for e in es)
-            out.append(sum(e.bits * e.shape[0] * e.shape[1] for e in es) / n if n else float("nan"))
-        return out
 
 
 # --------------------------------------------------------------------------- units

@@ -49,13 +49,18 @@ def summary_columns(extras: dict[str, Any]) -> list[dict]:
 
 def render_html(title: str, extras: dict[str, Any], provenance: dict[str, Any], source: str | None = None) -> str:
     """The report of an analysis result: a ScoreTable holding `extras`, with summary columns over depth."""
+    from layerscope.report.render import render_report
+
+    return render_report(extras_table(extras, provenance, source), title=title)
+
+
+def extras_table(extras: dict[str, Any], provenance: dict[str, Any], source: str | None = None):
+    """A ScoreTable that carries an analysis result's `extras` (for the report), with summary columns."""
     import torch
 
     from layerscope import __version__
     from layerscope.analysis.probes import _jsonable
     from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
-    from layerscope.report.render import render_report
-
     extras = _jsonable({k: v for k, v in extras.items() if v})
     summary_extras = dict(extras, num_layers=provenance.get("num_layers", 0))
     opts = {k: v for k, v in dict(provenance.get("options") or {}).items() if not isinstance(v, (dict, list))}
@@ -67,4 +72,4 @@ def render_html(title: str, extras: dict[str, Any], provenance: dict[str, Any], 
     table = ScoreTable(provenance=prov, extras=extras)
     for c in summary_columns(summary_extras):
         table.add(ScoreColumn(**c))
-    return render_report(table, title=title)
+    return table

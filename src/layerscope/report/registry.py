@@ -22,6 +22,7 @@ BUILTIN: tuple[tuple[str, str, str, int, bool], ...] = (
     ("agreement", "Agreement with ground truth", "layerscope.report.sections.agreement:render", 45, False),
     ("heads", "Attention heads", "layerscope.report.sections.heads:render", 50, False),
     ("massive_activations", "Massive activations", "layerscope.report.sections.massive:render", 60, False),
+    ("prune", "Pruning: what was removed", "layerscope.report.sections.prune:render", 65, True),
     ("sweep", "Removal curves", "layerscope.report.sections.sweep:render", 70, False),
     ("probe", "Layer-wise probes: concept depth", "layerscope.report.sections.probe:render", 70, True),
     ("layer_similarity", "Layer similarity (linear CKA)", "layerscope.report.sections.similarity:render", 71, True),

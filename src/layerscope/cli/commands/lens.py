@@ -39,7 +39,6 @@ def register(app: typer.Typer) -> None:
         from layerscope.analysis.tuned_lens import ARTEFACT, CHECKPOINT
         from layerscope.model.subject import load_subject
         from layerscope.outputs import check_output, claim_output, output_dir
-        from layerscope.report.extras import render_html
 
         if not lenses and neurons is None and not promote:
             raise LayerscopeError("--no-lenses leaves nothing to do: add --neurons or --promote")
@@ -54,10 +53,7 @@ def register(app: typer.Typer) -> None:
                       eval_tokens=eval_tokens, seq_len=seq_len, batch_tokens=batch_tokens, lr=lr,
                       checkpoint_every=checkpoint_every, lenses=lenses, neurons=neurons, promote=promote,
                       top_k=top_k, seed=seed, progress=not quiet)
-        d = result.to_dict()
-        extras = {"lens": d.get("lens"), "neurons": d.get("neurons")}
-        page = render_html(f"layerscope lens: {subject.model_id}", extras, d,
-            source=(f"train {result.train_source}; evaluation {result.eval_source}" if result.train_source else None))
+        page = result.report_html(f"layerscope lens: {subject.model_id}")
         with output_dir(out, verb="lens", force=force, sources=sources) as tmp:
             result.to_json(tmp / "lens.json")
             (tmp / "report.html").write_text(page, encoding="utf-8")

@@ -10,14 +10,12 @@ from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemot
 from layerscope.errors import LayerscopeError
 
 
-def write_outputs(out: Path, json_name: str, result, extras: dict, title: str, model_dir: Path | None,
-                  source: str | None = None, verb: str = "probe", force: bool = False) -> dict[str, Path]:
+def write_outputs(out: Path, json_name: str, result, title: str, model_dir: Path | None, verb: str,
+                  force: bool = False) -> dict[str, Path]:
     """Write <json_name> and report.html into `out` (the output policy of `outputs`)."""
     from layerscope.outputs import output_dir
-    from layerscope.report.extras import render_html
 
-    d = result.to_dict()
-    page = render_html(title, extras, d, source=source)
+    page = result.report_html(title)
     with output_dir(out, verb=verb, force=force, sources=(model_dir,)) as tmp:
         result.to_json(tmp / json_name)
         (tmp / "report.html").write_text(page, encoding="utf-8")
@@ -80,14 +78,8 @@ def register(app: typer.Typer) -> None:
                                precision=precision,
                                cka=cka, cka_tokens=cka_tokens, cka_outlier_ratio=cka_outlier_ratio or None, seed=seed,
                                progress=not quiet)
-        d = result.to_dict()
-        extras = {"probe": {k: v for k, v in d.items() if k != "similarity"} if result.concepts else None,
-                  "layer_similarity": d.get("similarity")}
-        sources = sorted({c.source for c in result.concepts.values()})
-        if result.similarity is not None:
-            sources.append(f"CKA: {result.similarity.source}")
-        paths = write_outputs(out, "probe.json", result, extras, f"layerscope probe: {subject.model_id}",
-                              subject.model_dir, source="; ".join(sources) or None, verb="probe", force=force)
+        paths = write_outputs(out, "probe.json", result, f"layerscope probe: {subject.model_id}", subject.model_dir,
+                              verb="probe", force=force)
         if not quiet:
             typer.echo(result.summary())
         typer.echo(f"wrote {paths['json']}, {paths['html']}")

@@ -42,9 +42,8 @@ def register(app: typer.Typer) -> None:
         result = steer(subject, layer, alpha, data=data, positive=positive, negative=negative,
                        text_field=text_field, label_field=label_field, n=n, seeds=seeds, compare=compare,
                        generate_tokens=generate, seed=seed, progress=not quiet)
-        paths = write_outputs(out, "steer.json", result, {"steer": result.to_dict()},
-                              f"layerscope steer: {subject.model_id}", subject.model_dir,
-                              source=f"{len(result.prompts)} neutral prompts; direction from {n} labelled sentences", verb="steer", force=force)
+        paths = write_outputs(out, "steer.json", result, f"layerscope steer: {subject.model_id}", subject.model_dir,
+                              verb="steer", force=force)
         if not quiet:
             typer.echo(result.summary())
         typer.echo(f"wrote {paths['json']}, {paths['html']}")

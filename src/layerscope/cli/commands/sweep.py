@@ -93,11 +93,11 @@ def register(app: typer.Typer) -> None:
 def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
     """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
     from layerscope.evaluation import sweep as sw
-    from layerscope.outputs import output_dir, write_json_atomic
+    from layerscope.outputs import output_dir
 
     names = ["sweep.json", "sweep.png"]
     with output_dir(out, verb="sweep", force=force) as tmp:
-        write_json_atomic(tmp / "sweep.json", res)
+        sw.RemovalSweep(res).to_json(tmp / "sweep.json")
         sw.save_png(res, tmp / "sweep.png")
         if table is not None:
             table.extras[sw.SWEEP_KEY] = res

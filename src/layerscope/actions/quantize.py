@@ -1,0 +1,248 @@
+"""Apply a QuantPlan: evaluate it, save the quantized model, export the plan to other tools."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerscope.errors import LayerscopeError
+from layerscope.plans.quantize import QuantPlan, build_plan
+from layerscope.results import Result
+
+
+class QuantizeResult(Result):
+    """What `quantize` did (quantize.json, kind layerscope.quantize): the plan, its evaluation, the exports."""
+
+    kind = "layerscope.quantize"
+
+    def __init__(self, plan: QuantPlan, evaluations: list[dict], exported: dict, out: Path):
+        self.plan, self.evaluations, self.exported, self.out = plan, evaluations, exported, out
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.model_dump(mode="json"), "evaluations": self.evaluations,
+                "exported": self.exported, "out": str(self.out)}
+
+    @classmethod
+    def summary_of(cls, d: dict) -> str:
+        p = d["plan"]
+        lines = [f"plan {p['by']} ({p['strategy']}): {p['achieved_bpw']:.4f} bpw in the {p['fmt']} format "
+                 f"for a {p['budget_bpw']} bpw budget"]
+        lines += [f"  {e['name']}: perplexity {e['perplexity']:.4f}" for e in d.get("evaluations") or []]
+        return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict):
+        from layerscope.evaluation.quant_sweep import PRE_ROUNDED_NOTE
+        from layerscope.report.extras import extras_table
+
+        p = d["plan"]
+        prov = {"model_id": p["provenance"].get("source_model", ""), "num_layers": p["num_layers"],
+                "weights_sha256": p["provenance"].get("weights_sha256"), "created": p["provenance"].get("created", "")}
+        q = {"plan": p, "evaluations": d.get("evaluations") or None, "notes": [PRE_ROUNDED_NOTE]}
+        return extras_table({"quantization": q}, prov)
+
+
+def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2,3,4,8", group: str | list[int] = "64",
+                  by: str = "quant_sensitivity", scores=None, granularity: str = "block", method: str = "rtn",
+                  fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
+                  device: str | None = None, dtype=None, loaded=None) -> QuantPlan:
+    """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan."""
+    return resolve_quant_plan(model, budget=budget, bits=bits, group=group, by=by, scores=scores,
+                              granularity=granularity, method=method, fmt=fmt, tokens=tokens, quiet=quiet,
+                              trust_remote_code=trust_remote_code, device=device, dtype=dtype, loaded=loaded)[0]
+
+
+def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="quant_sensitivity", scores=None,
+                       granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
+                       trust_remote_code=False, device=None, dtype=None, loaded=None):
+    """`plan_quantize`, also returning (score table used or None, the loaded model)."""
+    import datetime as _dt
+
+    from layerscope import __version__
+    from layerscope.compress.quant import FORMATS, check_scheme, parse_bits
+    from layerscope.metrics.table import ScoreTable
+    from layerscope.model.adapter import find_parts
+    from layerscope.model.loading import load_model
+    from layerscope.parsing import int_list, number
+
+    say = _logger(quiet)
+    bud = number(budget, "--budget")
+    bit_list = parse_bits(bits)
+    groups = sorted(int_list(group, "--group"))
+    for g in groups:
+        check_scheme(4, g, method)
+    if granularity not in ("block", "linear"):
+        raise LayerscopeError(f"--granularity must be block or linear, got '{granularity}'")
+    if fmt not in FORMATS:
+        raise LayerscopeError(f"--cost-format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if tokens < 1:
+        raise LayerscopeError("--tokens must be positive")
+    table = None
+    if scores is not None:
+        table = scores if isinstance(scores, ScoreTable) else ScoreTable.from_json(scores)
+    lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    parts = find_parts(lm.model)
+    if table is not None:
+        table.check_same_model(lm.weights_sha256, parts.num_layers, where=scores)
+    if not parts.has_lm_head and by == "quant_sensitivity":
+        raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --by METRIC")
+    plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
+                                  fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
+                                  progress=not quiet, log=say)
+    plan.provenance = {
+        "source_model": lm.model_id,
+        "source_path": str(lm.path) if lm.path else None,
+        "weights_sha256": lm.weights_sha256,
+        "metric": by,
+        "scores": str(scores) if scores is not None and not isinstance(scores, ScoreTable)
+        else ("measured" if used_table is not None else None),
+        "budget_bpw": bud,
+        "achieved_bpw": plan.achieved_bpw,
+        "cost_format": fmt,
+        "bits": bit_list,
+        "group_sizes": groups,
+        "method": method,
+        "granularity": granularity,
+        "layerscope_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "covers": "the linear layers of every block; embeddings, norms and the output head are not quantized",
+    }
+    if lm.model_id == "smollm2":
+        from layerscope.evaluation.quant_sweep import PRE_ROUNDED_NOTE
+
+        plan.notes.append(PRE_ROUNDED_NOTE)
+    say(f"plan: {plan.achieved_bpw:.4f} bpw ({fmt}) for a {bud:g} bpw budget; blocks: " + " ".join(plan.block_labels()))
+    return plan, used_table, lm
+
+
+def _logger(quiet: bool):
+    import sys
+
+    return (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+
+
+def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Path | str = "layerscope-quant",
+             export: str | None = None, evaluate: bool = True, eval_tokens: int = 16384, save_model: bool = True,
+             force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device: str | None = None,
+             dtype=None, **request):
+    """Apply a QuantPlan (or resolve `request` into one with `plan_quantize` first): evaluate it on
+    held-out text, save the model quantized with HQQ, export the plan. Returns the plan."""
+    from layerscope.actions.export.quant import parse_exports
+    from layerscope.model.adapter import find_parts
+    from layerscope.model.loading import load_model, resolve
+    from layerscope.outputs import (
+        check_output,
+        output_dir,
+        write_json_atomic,
+        write_text_atomic,
+    )
+
+    say = _logger(quiet)
+    formats = parse_exports(export)
+    if eval_tokens < 2:
+        raise LayerscopeError("--eval-tokens must be at least 2")
+    _, source_dir = resolve(model)
+    out = check_output(out, force=force, sources=(source_dir,))
+    used_table = None
+    if isinstance(plan, (str, Path)):
+        plan = QuantPlan.from_file(plan)
+    if plan is None:
+        plan, used_table, lm = resolve_quant_plan(model, quiet=quiet, trust_remote_code=trust_remote_code,
+                                                  device=device, dtype=dtype, **request)
+    else:
+        if request:
+            raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
+        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        sha = plan.provenance.get("weights_sha256")
+        if sha and lm.weights_sha256 and sha != lm.weights_sha256:
+            raise LayerscopeError(f"the plan was made for other weights (sha256 {sha[:12]}… vs {lm.weights_sha256[:12]}…)")
+    if evaluate and not find_parts(lm.model).has_lm_head:
+        raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
+    pre_rounded = lm.model_id == "smollm2"
+    by = plan.by
+    evaluations = []
+    if evaluate:
+        from layerscope.evaluation.perplexity import PerplexityProtocol
+        from layerscope.evaluation.quant_sweep import Evaluator
+
+        proto = PerplexityProtocol(max_tokens=eval_tokens)
+        ev = Evaluator(lm.model, lm.tokenizer, proto)
+        say(f"evaluating held-out perplexity ({proto.describe()})")
+        base = ev.perplexity(None)
+        q = ev.perplexity(plan.assignment())
+        evaluations = [
+            {"name": "unquantized" + (" (dequantized Q4_1 fp32)" if pre_rounded else ""), "bpw": 32.0,
+             "perplexity": base},
+            {"name": f"plan ({by})", "bpw": plan.achieved_bpw, "perplexity": q},
+        ]
+        plan.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
+                                         "plan_perplexity": q, "path": "fake-quant (bit-exact HQQ dequantized weights), fp32 compute"}
+        say(f"perplexity: unquantized {base:.4f}, plan {q:.4f} ({(q / base - 1) * 100:+.2f} %)")
+
+    with output_dir(out, verb="quantize", force=force, sources=(source_dir,)) as tmp:
+        plan.save(tmp / "plan.json")
+        if used_table is not None:
+            used_table.to_json(tmp / "scores.json")
+        exported = {}
+        if formats:
+            from layerscope.actions.export.quant import write_exports
+
+            exported = write_exports(plan, formats, tmp / "export", model=lm.model,
+                                     model_type=getattr(lm.model.config, "model_type", "llama"))
+            write_json_atomic(tmp / "export" / "validation.json", exported)
+        if save_model:
+            import torch
+
+            from layerscope.compress.quant import (
+                fake_quant,
+                hqq_layers,
+                quantize_model_hqq,
+                save_hqq_model,
+            )
+
+            expected = {}
+            for e in plan.entries:  # what the saved layers must dequantize to
+                if e.bits != 16:
+                    w = lm.model.get_submodule(e.name).weight.data
+                    expected[e.name] = fake_quant(w, plan.assignment()[e.name])
+            say("applying the plan with HQQ (HQQLinear, float16 compute) and saving")
+            quantize_model_hqq(lm.model, plan.assignment())
+            for name, layer in hqq_layers(lm.model):
+                if not torch.equal(layer.dequantize().float(), expected[name].float()):
+                    raise LayerscopeError(f"HQQ layer {name} does not reproduce the evaluated fake-quant weights")
+            save_hqq_model(lm.model, tmp / "model")
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(str(tmp / "model"))
+        write_text_atomic(tmp / "README.md", _readme(plan, evaluations, exported, save_model))
+        result = QuantizeResult(plan, evaluations, exported, out)
+        result.to_json(tmp / "quantize.json")
+        from layerscope.report import render_report
+
+        if used_table is not None:  # the measured scores with the plan on top
+            from layerscope.evaluation.quant_sweep import attach
+
+            attach(used_table, plan=plan, evaluations=evaluations or None)
+            write_text_atomic(tmp / "report.html", render_report(used_table))
+        else:
+            write_text_atomic(tmp / "report.html", result.report_html())
+    return result
+
+
+def _readme(plan, evaluations, exported, saved: bool) -> str:
+    lines = [f"# Mixed-precision plan ({plan.by})", "",
+             f"Budget {plan.budget_bpw} bpw, achieved {plan.achieved_bpw:.4f} bpw counted in the {plan.fmt} format "
+             f"(scales and zeros included; nominal {plan.nominal_bits:.3f} bits). Source: "
+             f"{plan.provenance.get('source_model')} (sha256 {plan.provenance.get('weights_sha256')}).", ""]
+    lines += [f"- {n}" for n in plan.notes]
+    lines += ["", "| block | scheme |", "|---|---|"]
+    lines += [f"| {i} | {lab} |" for i, lab in enumerate(plan.block_labels())]
+    if evaluations:
+        lines += ["", "| model | bpw | perplexity |", "|---|---|---|"]
+        lines += [f"| {e['name']} | {e['bpw']:.4f} | {e['perplexity']:.4f} |" for e in evaluations]
+    if saved:
+        lines += ["", "## Load the quantized model (HQQ)", "", "```python", "import torch",
+                  "from hqq.models.hf.base import AutoHQQHFModel", "from transformers import AutoTokenizer", "",
+                  "model = AutoHQQHFModel.from_quantized('model', compute_dtype=torch.float16, device='cpu')",
+                  "tokenizer = AutoTokenizer.from_pretrained('model')", "```"]
+    if exported:
+        lines += ["", "## Exports", ""]
+        lines += [f"- {k}: {', '.join(v['files'])} (validated by {v['validated_by']})" for k, v in exported.items()]
+    return "\n".join(lines) + "\n"
