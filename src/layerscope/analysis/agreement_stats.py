@@ -55,9 +55,10 @@ def oriented(values: Sequence[Any], direction: str | None) -> np.ndarray:
 
 def least_important(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[int]:
     """The k units with the smallest oriented score (ties: lower index first) among `mask`."""
-    idx = [i for i in range(len(scores)) if (mask is None or mask[i]) and np.isfinite(scores[i])]
-    idx.sort(key=lambda i: (scores[i], i))
-    return idx[:k]
+    from layerscope.metrics.order import importance_order
+
+    vals = [float(s) if (mask is None or mask[i]) else None for i, s in enumerate(scores)]
+    return importance_order(vals, "higher")[:k]
 
 
 def rank_positions(scores: np.ndarray) -> np.ndarray:
@@ -92,6 +93,8 @@ def topk_overlap(metric: np.ndarray, truth: np.ndarray, k: int) -> dict[str, Any
     if k <= 0:
         return {"k": 0, "overlap": None, "metric": [], "truth": []}
     a, b = least_important(metric, k, mask), least_important(truth, k, mask)
+    if not a or not b:  # a constant column names no least important units
+        return {"k": k, "overlap": None, "metric": a, "truth": b}
     return {"k": k, "overlap": len(set(a) & set(b)) / k, "metric": a, "truth": b}
 
 
@@ -183,7 +186,7 @@ def bootstrap_stability(per_window: dict[str, np.ndarray], directions: dict[str,
             if r is not None:
                 rhos.append(r)
             low = set(least_important(rep, kk))
-            if kk:
+            if kk and (low | ref_low):  # a constant replicate names no units: no overlap to measure
                 jacc.append(len(low & ref_low) / len(low | ref_low))
             t = truth.get(col)
             if t is not None:

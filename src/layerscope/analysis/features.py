@@ -113,7 +113,7 @@ def resolve_precision(precision: str, model: nn.Module) -> str:
         return "bfloat16"
     try:
         native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001 - private helpers may move
+    except AttributeError:  # private torch helpers: absent in some builds
         native = False
     return "bfloat16" if native and p.device.type == "cpu" else "float32"
 

@@ -67,7 +67,7 @@ def _token_str(tokenizer, i: int) -> str:
         return f"<{i}>"
     try:
         return tokenizer.decode([int(i)])
-    except Exception:  # noqa: BLE001
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError):  # ids outside the tokenizer's table
         return f"<{i}>"
 
 

@@ -25,7 +25,7 @@ def _adds_bos(tokenizer) -> bool:
         return False
     try:
         ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001 - any tokenizer quirk means "no"
+    except (TypeError, ValueError, KeyError):  # a tokenizer that cannot encode a plain word adds no BOS
         return False
     return bool(ids) and ids[0] == bos
 

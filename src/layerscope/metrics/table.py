@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from layerscope.errors import LayerscopeError
+from layerscope.metrics.order import importance_order
 from layerscope.outputs import write_json_atomic, write_text_atomic
 
 SCHEMA_VERSION = "1.0"
@@ -81,16 +82,14 @@ class ScoreTable(BaseModel):
                          else (np.nan if row is None else row) for row in col.values], dtype=float)
 
     def ranking(self, name: str, unit: str | None = None) -> list[int]:
-        """Layer indices from least to most important under the metric's direction."""
+        """Layer indices from least to most important under the metric's direction (`importance_order`:
+        undefined layers left out; a column without variation ranks nothing)."""
         col = self.column(name, unit)
         if col.direction is None:
             raise LayerscopeError(f"metric '{col.name}' is descriptive: it has no importance direction")
         if col.unit == "head":
             raise LayerscopeError(f"metric '{col.name}' is per head; rank layers with a per-layer metric")
-        v = self.values(name, unit)
-        key = v if col.direction == "higher" else -v
-        order = sorted(range(len(v)), key=lambda i: (np.isnan(key[i]), key[i] if not np.isnan(key[i]) else 0.0, i))
-        return [i for i in order if not np.isnan(v[i])]
+        return importance_order(col.values, col.direction)
 
     def least_important(self, name: str, k: int, unit: str | None = None) -> list[int]:
         return self.ranking(name, unit)[:k]
@@ -121,6 +120,11 @@ class ScoreTable(BaseModel):
     def report_table(self) -> "ScoreTable":
         return self
 
+    def report_html(self, title: str | None = None) -> str:
+        from layerscope.report.render import render_report
+
+        return render_report(self, title=title)
+
     def summary(self, k: int = 5) -> str:
         """The model and data, then the k least important units by every ranking metric."""
         p = self.provenance
@@ -130,7 +134,9 @@ class ScoreTable(BaseModel):
         for name, col in self.columns.items():
             if col.direction is None or col.unit == "head":
                 continue
-            lines.append(f"  {name:<36} ({col.direction}): least important {', '.join(map(str, self.least_important(name, k)))}")
+            least = self.least_important(name, k)
+            lines.append(f"  {name:<36} ({col.direction}): " + (f"least important {', '.join(map(str, least))}"
+                                                              if least else "no ranking (not measured or no variation)"))
         lines += [f"  skipped {m}: {why}" for m, why in p.skipped.items()]
         return "\n".join(lines)
 
@@ -154,7 +160,7 @@ class ScoreTable(BaseModel):
             raise LayerscopeError(f"{path} has schema version {data['schema_version']}; this layerscope reads {SCHEMA_VERSION}")
         try:
             return cls.model_validate(data)
-        except Exception as exc:  # pydantic's message is long; keep the first line
+        except ValidationError as exc:  # pydantic's message is long; keep the first line
             raise LayerscopeError(f"{path} is not a valid score table: {str(exc).splitlines()[0]}") from None
 
     def to_csv_text(self) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ def check_local_dir(path: Path) -> list[Path]:
                 "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
             )
         raise LayerscopeError(f"{path} has a config but no weights (*.safetensors)")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for f in files:
         try:
@@ -83,7 +84,7 @@ def check_local_dir(path: Path) -> list[Path]:
                 raise ValueError(f"file is {size} bytes, header needs {8 + header_len + end}")
             if not keys:
                 raise ValueError("no tensors")
-        except Exception as exc:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise LayerscopeError(f"corrupt or truncated safetensors file {f}: {msg}") from None
     return files
@@ -155,6 +156,24 @@ def resolve_device(device: str | None) -> str:
     raise LayerscopeError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt")
+
+
+def load_tokenizer(source: str, path: Path | None, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer; None only when a local directory has no tokenizer files at all
+    (vision models). A tokenizer that is there but does not load is an error that says why."""
+    import transformers
+
+    if path is not None and not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerscopeError(f"the tokenizer of {source} does not load: {first}") from None
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     *,
@@ -200,10 +219,7 @@ def load_model(
         model.to(resolve_device(device))
     tok = None
     if tokenizer:
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except Exception:  # vision models and tokenizer-less checkpoints
-            tok = None
+        tok = load_tokenizer(source, path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, path=path,
                        weights_sha256=weights_hash(files) if files else None)
 

@@ -134,10 +134,9 @@ def ranked_columns(table: ScoreTable) -> list[ScoreColumn]:
 
 def ranking_of(col: ScoreColumn) -> list[int]:
     """Layers from least to most important under the column's direction (undefined layers left out)."""
-    v = column_values(col)
-    key = v if col.direction == "higher" else -v
-    order = sorted((i for i in range(len(v)) if np.isfinite(v[i])), key=lambda i: (key[i], i))
-    return order
+    from layerscope.metrics.order import importance_order
+
+    return importance_order(col.values, col.direction)
 
 
 def heatmap_figure(table: ScoreTable) -> tuple[Any, list[str]] | None:

@@ -130,7 +130,7 @@ def validate_gptqmodel(cfg: dict[str, Any], plan: QuantPlan) -> str:
                             desc_act=cfg["desc_act"], dynamic=cfg["dynamic"])
         resolve = lambda n: dynamic_get(qc.dynamic, n)  # noqa: E731
         how = "gptqmodel.QuantizeConfig + dynamic_get"
-    except Exception:
+    except ImportError:
         resolve = lambda n: _gptq_resolve(cfg["dynamic"], n)  # noqa: E731
     for key in ("bits", "group_size", "sym", "desc_act", "dynamic"):
         if key not in cfg:
@@ -219,7 +219,7 @@ def validate_llmcompressor(cfg: dict[str, Any], plan: QuantPlan, model=None, rec
         return _schema_llmcompressor(cfg, plan)
     try:
         qc = QuantizationConfig.model_validate(cfg)
-    except Exception as exc:
+    except ValueError as exc:  # pydantic's ValidationError
         raise LayerscopeError(f"llm-compressor export rejected by compressed-tensors: {str(exc).splitlines()[0]}") from None
     if recipe is not None:
         import yaml

@@ -89,7 +89,9 @@ def print_summary(console, table, k: int = 5) -> None:
     for name, col in table.columns.items():
         if col.direction is None or col.unit == "head":
             continue
-        t.add_row(col.metric, col.unit, col.direction, ", ".join(map(str, table.least_important(name, k))))
+        least = table.least_important(name, k)
+        t.add_row(col.metric, col.unit, col.direction,
+                  ", ".join(map(str, least)) if least else "— (not measured or no variation: no ranking)")
     console.print(t)
     for m, why in p.skipped.items():
         console.print(f"skipped {m}: {why}")

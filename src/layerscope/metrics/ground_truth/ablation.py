@@ -47,13 +47,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from layerscope.engine.removal import (  # noqa: F401
-    ablation_module,
+from layerscope.engine.removal import (
     blocks_removed,
     check_unit,
     sublayers_zeroed,
@@ -316,12 +316,10 @@ def _tokenizer_for(parts, options: dict[str, Any]):
     path = getattr(getattr(parts.model, "config", None), "_name_or_path", "") or ""
     if not path:
         return None
-    try:
-        import transformers
+    from layerscope.model.loading import load_tokenizer
 
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        return None
+    local = Path(path)
+    return load_tokenizer(path, local if local.is_dir() else None) if local.is_dir() else None
 
 
 def ablation_runner(ctx) -> tuple[Any, str]:

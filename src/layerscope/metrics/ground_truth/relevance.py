@@ -55,7 +55,7 @@ def lxt_status() -> str:
         import lxt.efficient  # noqa: F401
     except ImportError as exc:
         return f"lxt unusable: import lxt.efficient failed: {type(exc).__name__}: {exc}"
-    except Exception as exc:  # pragma: no cover - depends on the installed versions
+    except (AttributeError, RuntimeError, TypeError) as exc:  # pragma: no cover - lxt's own import-time errors
         return f"lxt unusable: {type(exc).__name__}: {exc}"
     try:
         from transformers.models.llama import modeling_llama
@@ -63,7 +63,7 @@ def lxt_status() -> str:
         if hasattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface"):
             return ("lxt imports, but its attention patch replaces transformers 5's AttentionInterface by a "
                     "dict (Llama then fails with AttributeError: 'dict' object has no attribute 'get_interface')")
-    except Exception:  # pragma: no cover
+    except (ImportError, AttributeError):  # pragma: no cover
         pass
     return "lxt imports (untested with this transformers version)"
 

@@ -51,22 +51,19 @@ def render(table) -> str | None:
                      f"Tolerated share = largest share with perplexity within +{res.threshold:.0%}.</p>")
         parts.append(_table(["ordering", "tolerated share"],
                             [[k, f"{v:.0%}"] for k, v in res.tolerated_share.items()]))
-        try:
-            import plotly.graph_objects as go
+        import plotly.graph_objects as go
 
-            from layerscope.report import plotly_chart
+        from layerscope.report import plotly_chart
 
-            fig = go.Figure()
-            for name in res.orderings:
-                pts = [(r.share, r.perplexity) for r in res.rows if r.ordering == name]
-                fig.add_trace(go.Scatter(x=[p for p, _ in pts], y=[v for _, v in pts], mode="lines+markers",
-                                         name=name, line={"dash": "dot"} if name.startswith("random") else {}))
-            fig.add_hline(y=res.reference_perplexity * (1 + res.threshold), line_dash="dash",
-                          annotation_text=f"+{res.threshold:.0%}")
-            fig.update_layout(xaxis_title="share of blocks at the low bit width", yaxis_title="perplexity",
-                              xaxis_tickformat=".0%", height=420)
-            parts.append(plotly_chart(fig, "quant-sweep"))
-        except Exception:  # no plotly / report helpers: the tables above still stand
-            pass
+        fig = go.Figure()
+        for name in res.orderings:
+            pts = [(r.share, r.perplexity) for r in res.rows if r.ordering == name]
+            fig.add_trace(go.Scatter(x=[p for p, _ in pts], y=[v for _, v in pts], mode="lines+markers",
+                                     name=name, line={"dash": "dot"} if name.startswith("random") else {}))
+        fig.add_hline(y=res.reference_perplexity * (1 + res.threshold), line_dash="dash",
+                      annotation_text=f"+{res.threshold:.0%}")
+        fig.update_layout(xaxis_title="share of blocks at the low bit width", yaxis_title="perplexity",
+                          xaxis_tickformat=".0%", height=420)
+        parts.append(plotly_chart(fig, "quant-sweep"))
         parts.append(f"<pre>{html.escape(sweep_table_text(res))}</pre>")
     return "\n".join(parts)
