@@ -100,3 +100,19 @@ def test_every_module_imports_in_a_fresh_interpreter():
     # reversed order: deep modules first, so no package __init__ has primed the others
     proc = subprocess.run([sys.executable, "-c", code, *reversed(names)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_source_files_stay_readable_in_one_sitting():
+    too_long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+                if (n := len(p.read_text().splitlines())) > 450}
+    assert too_long == {}
+
+
+def test_registries_name_real_units():
+    from layerscope.metrics.registry import METRICS
+    from layerscope.report.registry import sections
+    from layerscope.results import KINDS, result_class
+
+    assert all(METRICS[name].name == name for name in METRICS)
+    assert [s.key for s in sections()][0] == "summary"
+    assert all(k == "layerscope.scores" or result_class(k).kind == k for k in KINDS)
