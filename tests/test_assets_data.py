@@ -365,7 +365,8 @@ def test_cache_key_changes_with_inputs(tmp_path, word_tokenizer):
 
 def test_manifest_covers_every_asset():
     manifest = assets.load_manifest()
-    assert set(manifest) == set(assets.ASSETS) == {"smollm2", "minilm", "wikipedia", "shakespeare", "sentiment"}
+    assert set(manifest) == set(assets.ASSETS) == {"smollm2", "minilm", "wikipedia", "shakespeare", "sentiment",
+                                                 "gemma3"}
     for entry in manifest.values():
         assert len(entry["sha256"]) == 64 and entry["filename"]
 

@@ -170,3 +170,15 @@ def test_a_user_file_with_an_output_name_is_never_replaced(tmp_path):
             (tmp / "report.html").write_text("ours")
     assert (out / "report.html").read_text() == "theirs"
     assert [p.name for p in out.iterdir()] == ["report.html"]  # no staging left behind
+
+
+def test_steer_dry_run_prints_a_plan_that_reads_back(model_dir, tmp_path, monkeypatch, capsys):
+    from layerscope.plans.steer import SteerPlan
+
+    code, text, err = run_cli(["steer", model_dir, "--alpha", 0.5, "--compare", "every:2", "--dry-run"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    (tmp_path / "steer.yaml").write_text(text)
+    plan = SteerPlan.from_file(tmp_path / "steer.yaml")
+    assert plan.alpha == 0.5 and plan.compare == "every:2" and plan.layer is None
+    assert not (tmp_path / "layerscope-steer").exists()

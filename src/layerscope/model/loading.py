@@ -14,7 +14,7 @@ from torch import nn
 
 from layerscope.errors import LayerscopeError
 
-ALIASES = {"default": "smollm2", "smollm2": "smollm2", "minilm": "minilm"}
+ALIASES = {"default": "smollm2", "smollm2": "smollm2", "minilm": "minilm", "gemma3": "gemma3"}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -183,7 +183,7 @@ def load_model(
     device: str | None = None,
     tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, minilm)."""
+    """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, gemma3, minilm)."""
     import transformers
 
     model_id, path = resolve(spec)

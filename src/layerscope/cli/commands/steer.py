@@ -6,7 +6,16 @@ from typing import Optional
 
 import typer
 
-from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
+from layerscope.cli.parsers import (
+    Device,
+    DryRun,
+    Dtype,
+    Force,
+    PlanFile,
+    Quiet,
+    Seed,
+    TrustRemoteCode,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +34,8 @@ def register(app: typer.Typer) -> None:
         compare: str = typer.Option("all", "--compare", help="Other layers to try: all, every:N, or a comma list."),
         generate: int = typer.Option(0, "--generate", help="Also generate this many tokens per prompt and score them with the probe."),
         seed: Seed = 0,
+        plan: PlanFile = None,
+        dry_run: DryRun = False,
         out: Path = typer.Option(Path("layerscope-steer"), "--out", "-o", help="Output directory (steer.json, report.html)."),
         force: Force = False,
         device: Device = "cpu",
@@ -36,12 +47,18 @@ def register(app: typer.Typer) -> None:
         from layerscope.actions.steer import steer
         from layerscope.cli.commands.probe import write_outputs
         from layerscope.model.subject import load_subject
+        from layerscope.plans.steer import SteerPlan
 
+        the_plan = SteerPlan.from_file(plan) if plan is not None else SteerPlan(
+            layer=layer, alpha=alpha, data=str(data) if data is not None else None, text_field=text_field,
+            label_field=label_field, positive=positive, negative=negative, n=n, seeds=seeds, compare=compare,
+            generate_tokens=generate, seed=seed)
+        if dry_run:
+            typer.echo(the_plan.to_yaml(), nl=False)
+            return
         subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         subject.require_lm_head("steering")
-        result = steer(subject, layer, alpha, data=data, positive=positive, negative=negative,
-                       text_field=text_field, label_field=label_field, n=n, seeds=seeds, compare=compare,
-                       generate_tokens=generate, seed=seed, progress=not quiet)
+        result = steer(subject, plan=the_plan, progress=not quiet)
         paths = write_outputs(out, "steer.json", result, f"layerscope steer: {subject.model_id}", subject.model_dir,
                               verb="steer", force=force)
         if not quiet:
