@@ -172,6 +172,21 @@ def test_a_user_file_with_an_output_name_is_never_replaced(tmp_path):
     assert [p.name for p in out.iterdir()] == ["report.html"]  # no staging left behind
 
 
+def test_outputs_get_ordinary_permissions_even_when_written_privately(tmp_path):
+    import os
+
+    from layerscope.outputs import output_dir
+
+    mask = os.umask(0o022)
+    try:
+        with output_dir(tmp_path / "o", verb="test") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)  # what save_pretrained's private temporary file leaves
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "o" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_steer_dry_run_prints_a_plan_that_reads_back(model_dir, tmp_path, monkeypatch, capsys):
     from layerscope.plans.steer import SteerPlan
 

@@ -29,6 +29,17 @@ def _umask() -> int:
     return mask
 
 
+def ordinary_permissions(directory: Path) -> None:
+    """Give every file below `directory` the mode a plain write would (0666 less the umask).
+
+    Libraries that write through private temporary files (save_pretrained's model.safetensors) leave 0600.
+    """
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +190,7 @@ def output_dir(out: str | os.PathLike, *, verb: str, force: bool = False, source
         record = {"written_by": f"layerscope {verb}", "layerscope_version": __version__,
                   "files": sorted(owned | set(entries))}
         try:
+            ordinary_permissions(staging)
             if fresh:
                 (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
                 staging.rename(out)

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from layerscope.errors import LayerscopeError
-from layerscope.outputs import _umask, write_json_atomic
+from layerscope.outputs import ordinary_permissions, write_json_atomic
 
 if TYPE_CHECKING:
     from layerscope.data.assets import AssetSpec, _Reporter
@@ -58,17 +58,6 @@ def _zip_extract_member(archive: Path, member: str, target: Path, append: bool =
         with zf.open(info) as src, open(target, "ab" if append else "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     return target
-
-
-def _ordinary_permissions(directory: Path) -> None:
-    """Give every file the mode a plain write would (0666 less the umask).
-
-    save_pretrained writes model.safetensors through a private temporary file (mode 0600).
-    """
-    mode = 0o666 & ~_umask()
-    for path in directory.rglob("*"):
-        if path.is_file():
-            path.chmod(mode)
 
 
 def _tar_read(tf: tarfile.TarFile, member: str) -> bytes:
@@ -303,7 +292,7 @@ def prepare_gemma3(spec: "AssetSpec", glue: Path, out: Path, report: "_Reporter"
             info |= _convert_gemma3(spec, gguf, out, report)
     finally:
         restore()
-    _ordinary_permissions(out)
+    ordinary_permissions(out)
     return info
 
 
