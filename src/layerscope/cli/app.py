@@ -17,6 +17,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def _global_options(
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Load a checkpoint whose tensors do not match its config (missing ones stay "
+        "random) with a recorded warning instead of an error. Accepted before or after the verb."),
+) -> None:
+    from layerscope.model.checks import ALLOW_MISSING
+
+    ALLOW_MISSING.set(allow_missing)
+
+
 # Verb modules (the CLI's registry), in the order `--help` lists them.
 COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "report")
 
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     exits, aborts, usage, no_args = _click_exceptions()
     debug = os.environ.get("LAYERSCOPE_DEBUG") == "1"
     args = sys.argv[1:] if argv is None else list(argv)
+    if "--allow-missing" in args[1:]:  # a global option; also accepted after the verb
+        args = ["--allow-missing", *[a for a in args if a != "--allow-missing"]]
     try:
         _quiet_libraries()
         command = typer.main.get_command(app)
