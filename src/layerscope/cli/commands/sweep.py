@@ -86,17 +86,17 @@ def register(app: typer.Typer) -> None:
         res = sw.run_sweep(loaded.model, loaded.tokenizer, unit=unit, ks=ks, orders=specs, table=table,
                            protocol=protocol, greedy_tokens=greedy_tokens, greedy_data=greedy_data, seed=seed,
                            model_id=loaded.model_id, weights_sha256=loaded.weights_sha256, log=log)
-        written = write_sweep_outputs(res, table, out, force)
+        written = write_sweep_outputs(res, table, out, force, sources=(source_dir,))
         typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
+def write_sweep_outputs(res: dict, table, out: Path, force: bool, sources: tuple = ()) -> list[Path]:
     """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
     from layerscope.evaluation import sweep as sw
     from layerscope.outputs import output_dir
 
     names = ["sweep.json", "sweep.png"]
-    with output_dir(out, verb="sweep", force=force) as tmp:
+    with output_dir(out, verb="sweep", force=force, sources=sources) as tmp:
         sw.RemovalSweep(res).to_json(tmp / "sweep.json")
         sw.save_png(res, tmp / "sweep.png")
         if table is not None:
