@@ -114,3 +114,11 @@ def test_resume_refuses_a_checkpoint_made_with_other_inputs(model_dir, text_file
     code, _, err = run(["scan", model_dir, "--data", text_file, "--tokens", 64, "--seq-len", 16, "--quiet",
                         "--out", tmp_path / "none", "--resume"], monkeypatch, capsys)
     assert code == 2 and "nothing to resume" in err
+
+
+def test_sweep_resumes_to_the_same_numbers(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    args = ["sweep", model_dir, "--remove", "0..2", "--orders", "block_influence,random:2,greedy", "--dataset",
+            text_file, "--split", "all", "--tokens", 96, "--context", 16, "--greedy-data", text_file,
+            "--greedy-tokens", 64, "--quiet"]
+    data = _resume_equals_uninterrupted(args, "sweep.json", tmp_path, monkeypatch, capsys, after=3)
+    assert data["greedy"]["perplexity"] and data["random"]["perplexity"]
