@@ -68,7 +68,7 @@ def interrupt_after(monkeypatch, n: int):
     return lambda: monkeypatch.setattr(Checkpoint, "put", real)
 
 
-def values(path, skip=("created", "wall_time_s", "wall_time", "timings_s", "seconds")):
+def values(path, skip=("created", "wall_time_s", "wall_time", "timings_s", "seconds", "memory")):
     def clean(o):
         if isinstance(o, dict):
             return {k: clean(v) for k, v in o.items() if k not in skip}
@@ -122,3 +122,12 @@ def test_sweep_resumes_to_the_same_numbers(model_dir, text_file, tmp_path, monke
             "--greedy-tokens", 64, "--quiet"]
     data = _resume_equals_uninterrupted(args, "sweep.json", tmp_path, monkeypatch, capsys, after=3)
     assert data["greedy"]["perplexity"] and data["random"]["perplexity"]
+
+
+def test_agree_resumes_to_the_same_numbers(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    args = ["agree", model_dir, "--data", text_file, "--second-corpus", "none", "--tokens", 128, "--seq-len", 16,
+            "--ablation-tokens", 64, "--ablation-data", "calibration", "--truth", "ablation_kl,taylor",
+            "--bootstrap", 5, "--groups", 2, "--no-extras", "--option", "ablation_batch_size=1", "--quiet"]
+    data = _resume_equals_uninterrupted(args, "agreement.json", tmp_path, monkeypatch, capsys, after=3)
+    assert data["recommendation"]
+    assert values(tmp_path / "part" / "scores.json") == values(tmp_path / "full" / "scores.json")
