@@ -218,6 +218,10 @@ def load_model(
         raise LayerscopeError(f"unsupported architecture in {model_id}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise LayerscopeError(f"could not load weights of '{model_id}': {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # tensors whose shapes do not fit the config: name them (model/checks.py)
+        if "mismatched_sizes" not in str(exc):
+            raise
+        model, info = cls.from_pretrained(source, attn_implementation="eager", ignore_mismatched_sizes=True, **kwargs)
     load_warnings = check_loading_info(info, model_id, allow_missing)
     model.eval()
     if device:
