@@ -182,6 +182,10 @@ def test_trust_remote_code_needs_flag(tmp_path, monkeypatch, capsys):
     d = tmp_path / "remote"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "custom_thing", "auto_map": {"AutoConfig": "cfg.CustomConfig"}}))
-    (d / "model.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, d / "model.safetensors")  # valid weights: the flag is what stops it
+    (d / "cfg.py").write_text("raise SystemExit('custom code ran without --trust-remote-code')\n")
     code, _, err = run(["scan", d, "--quiet"], monkeypatch, capsys)
-    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "needs custom code" in err and "--trust-remote-code" in err

@@ -63,5 +63,8 @@ def test_scan_cli_on_default_model(tmp_path, monkeypatch, capsys):
     assert prov["calibration_source"] == "wikipedia:calibration" and len(prov["weights_sha256"]) == 64
     assert prov["skipped"] == {}
     html = (out / "report.html").read_text()
-    assert "block_influence" in html and len(html) > 100_000
+    # the report is complete and self-contained: every section is there, with plotly inlined (no network)
+    for section in ("heatmap", "rank-heatmap", "block_influence", "Most often among the 5 least important"):
+        assert section in html, section
+    assert "<script src=\"http" not in html and "cdn.plot.ly" not in html
     assert "least important" in capsys.readouterr().out

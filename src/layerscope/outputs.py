@@ -60,28 +60,29 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, replace_if_marked: str | None = None) -> Iterator[Path]:
     """Yield a scratch directory that is renamed to `final` only if the block succeeds.
 
-    With force=True an existing `final` is replaced (after the new content is complete).
+    An existing `final` is an error, unless it holds the file `replace_if_marked` (proof that
+    layerscope wrote it, e.g. an older prepared asset): then it is replaced once the new content is
+    complete. Nothing without that marker is ever moved or deleted.
     """
-    final = Path(final)
-    if final.exists() and not force:
-        from layerscope.errors import LayerscopeError
+    from layerscope.errors import LayerscopeError
 
-        raise LayerscopeError(f"output directory {final} already exists (use --force to replace it)")
+    final = Path(final)
+    if final.exists() and not (replace_if_marked and final.is_dir() and (final / replace_if_marked).is_file()):
+        raise LayerscopeError(f"{final} already exists and was not written by layerscope; it is left untouched "
+                              "(move it away and rerun)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            final.rename(old / final.name)
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # layerscope's own earlier version (it held the marker)
         else:
             tmp.rename(final)
     except BaseException:
@@ -207,3 +208,34 @@ def output_dir(out: str | os.PathLike, *, verb: str, force: bool = False, source
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, *, verb: str, sources: tuple = ()) -> Path:
+    """The output policy for verbs whose --out is one JSON file (`eval`): it must not be a folder, must
+    not lie inside a source model, and an existing file is replaced only if layerscope `verb` wrote it."""
+    from layerscope.errors import LayerscopeError
+
+    path = Path(path)
+    if path.is_dir():
+        raise LayerscopeError(f"--out {path} is a directory; give a file name (e.g. {path / (verb + '.json')})")
+    for src in sources:
+        if src is not None and is_inside(path, src):
+            raise LayerscopeError(f"output {path} is inside the model directory {src}; choose another --out")
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if not (isinstance(data, dict) and data.get("written_by") == f"layerscope {verb}"):
+            raise LayerscopeError(f"--out {path} already exists and was not written by layerscope {verb}; "
+                                  "it is left untouched: choose another --out")
+    return path
+
+
+def write_output_file(path: str | os.PathLike, obj: dict, *, verb: str, sources: tuple = ()) -> Path:
+    """Write `obj` (plus a `written_by` stamp) atomically to `path` under `check_output_file`'s rules."""
+    path = check_output_file(path, verb=verb, sources=sources)
+    try:
+        return write_json_atomic(path, {**obj, "written_by": f"layerscope {verb}"})
+    except OSError as exc:
+        raise _write_error(exc, path) from None

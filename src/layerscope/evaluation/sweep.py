@@ -212,8 +212,11 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
               table: Any = None, protocol: Any = None, ids: Any = None, greedy_tokens: int = 2048,
               greedy_data: str = "wikipedia", greedy_split: str = "calibration", seed: int = 0,
               model_id: str = "", weights_sha256: str | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Perplexity after removing the first K units of each ordering, for every K in `ks`."""
+              log: Callable[[str], None] | None = None, checkpoint: Any = None) -> dict[str, Any]:
+    """Perplexity after removing the first K units of each ordering, for every K in `ks`.
+
+    With a `checkpoint` (layerscope.checkpoint) every perplexity and the greedy order are saved as
+    they finish; a resumed sweep reuses them (the same numbers as an uninterrupted run)."""
     from layerscope import __version__
     from layerscope.engine.removal import check_unit, removed
     from layerscope.evaluation.perplexity import (
@@ -238,12 +241,19 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
     if ids is None:
         ids = token_stream(tokenizer, protocol)
     cache: dict[tuple[int, ...], float] = {}
+    if checkpoint is not None:
+        checkpoint.require_same("inputs", {"weights": weights_sha256, "unit": unit, "protocol": protocol.model_dump(),
+                                           "tokens_in_stream": int(ids.numel()), "seed": seed})
+        done = checkpoint.get("perplexity") or {}
+        cache.update({tuple(int(i) for i in k.split(",") if i): float(v) for k, v in done.items()})
 
     def ppl(removed_units: Sequence[int]) -> float:
         key = tuple(sorted(removed_units))
         if key not in cache:
             with removed(model, unit, key):
                 cache[key] = perplexity(model, ids=ids, protocol=protocol).perplexity
+            if checkpoint is not None:
+                checkpoint.put("perplexity", {",".join(map(str, k)): v for k, v in cache.items()})
         return cache[key]
 
     def curve(order: Sequence[int]) -> list[float]:
@@ -334,9 +344,13 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
             seq = min(protocol.context_length, 512)
             texts = load_texts(greedy_data, split=greedy_split)
             gids = tokenize_windows(tokenizer, texts, n_tokens=greedy_tokens, seq_len=seq)
-            say(f"greedy order on {greedy_data}:{greedy_split}, {gids.numel()} tokens ...")
-            g = greedy_order(model, unit, gids, kmax, batch_size=protocol.batch_size,
-                             progress=lambda s, u, l: say(f"  greedy step {s}: remove {u} (nll {l:.4f})"))
+            g = checkpoint.get("greedy") if checkpoint is not None else None
+            if g is None or g.get("k") != kmax:
+                say(f"greedy order on {greedy_data}:{greedy_split}, {gids.numel()} tokens ...")
+                g = greedy_order(model, unit, gids, kmax, batch_size=protocol.batch_size,
+                                 progress=lambda s, u, l: say(f"  greedy step {s}: remove {u} (nll {l:.4f})"))
+                if checkpoint is not None:
+                    checkpoint.put("greedy", {**g, "k": kmax})
             order = g["order"]
             info = {"source": "computed (greedy ablation)", "selection_data": f"{greedy_data}:{greedy_split}",
                     "selection_tokens": int(gids.numel()), "selection_seq_len": seq,

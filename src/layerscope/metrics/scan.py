@@ -155,13 +155,14 @@ def scan(
     """
     t0 = time.perf_counter()
     names = resolve_metrics(metrics)
-    model_id, weights_sha, source_tokenizer = "in-memory", None, tokenizer
+    model_id, weights_sha, source_tokenizer, load_warnings = "in-memory", None, tokenizer, []
     if model is None or isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         from layerscope.model.loading import load_model
 
         loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         model, model_id, weights_sha = loaded.model, loaded.model_id, loaded.weights_sha256
         source_tokenizer = tokenizer or loaded.tokenizer
+        load_warnings = loaded.warnings
     else:
         model_id = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     model.eval()
@@ -246,7 +247,7 @@ def scan(
         wall_time_s=round(time.perf_counter() - t0, 3),
         options={"metrics": names, "tokens": tokens, "seq_len": seq_len, "batch_size": batch_size,
                  "attn_seqs": attn_seqs if eager else 0, "lens_tokens": lens_tokens, "split": split},
-        notes=list(parts.notes),
+        notes=[*load_warnings, *parts.notes],
         skipped=skipped,
     )
     if eager:

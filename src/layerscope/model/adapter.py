@@ -30,6 +30,7 @@ class FamilySpec:
     mlp_down_proj: str  # linear fed with the MLP's intermediate activation
     final_norm: tuple[str, ...] = ()
     causal: bool = True
+    head_proj: tuple[str, ...] = ()  # projection between the final norm and the head (OPT-350m's project_out)
 
 
 _LLAMA_LIKE = FamilySpec(
@@ -105,6 +106,7 @@ FAMILIES: dict[str, FamilySpec] = {
         attn_out_proj="self_attn.out_proj",
         mlp_down_proj="fc2",
         final_norm=("model.decoder.final_layer_norm", "decoder.final_layer_norm"),
+        head_proj=("model.decoder.project_out", "decoder.project_out"),
     ),
     "falcon": FamilySpec(
         blocks=("transformer.h", "h"),
@@ -150,6 +152,12 @@ class ModelParts:
     num_heads: int | None
     spec: FamilySpec | None = None
     notes: list[str] = field(default_factory=list)
+    head_proj: nn.Module | None = None
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the output head reads from a residual state: the final norm, then any projection."""
+        x = self.final_norm(h) if self.final_norm is not None else h
+        return self.head_proj(x) if self.head_proj is not None else x
 
     @property
     def num_layers(self) -> int:
@@ -246,6 +254,8 @@ def _specialise(model: nn.Module, mtype: str, spec: FamilySpec) -> FamilySpec:
 
     if mtype == "gpt_neox" and getattr(cfg, "use_parallel_residual", False):
         return replace(spec, mid=None)
+    if mtype == "opt" and not getattr(cfg, "do_layer_norm_before", True):  # post-LN (OPT-350m)
+        return replace(spec, mid=("output", "self_attn_layer_norm"))
     if mtype == "falcon" and not (getattr(cfg, "parallel_attn", True) or getattr(cfg, "new_decoder_architecture", False)):
         return replace(spec, mid=("input", "post_attention_layernorm"))
     return spec
@@ -272,6 +282,7 @@ def _from_spec(model: nn.Module, mtype: str, spec: FamilySpec, path: str, blocks
         oproj.append(_get(b, spec.attn_out_proj))
         down.append(_get(b, spec.mlp_down_proj))
     fn = _first(model, spec.final_norm) if spec.final_norm else None
+    hp = _first(model, spec.head_proj) if spec.head_proj else None
     return ModelParts(
         model=model,
         family=mtype,
@@ -287,6 +298,7 @@ def _from_spec(model: nn.Module, mtype: str, spec: FamilySpec, path: str, blocks
         causal=spec.causal,
         num_heads=_num_heads(model),
         spec=spec,
+        head_proj=hp[1] if hp else None,
     )
 
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layerscope.errors import LayerscopeError
+from layerscope.model.checks import check_loading_info
 
 ALIASES = {"default": "smollm2", "smollm2": "smollm2", "minilm": "minilm", "gemma3": "gemma3"}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -25,6 +26,7 @@ class LoadedModel:
     model_id: str
     path: Path | None  # local directory, if any (never written to)
     weights_sha256: str | None
+    warnings: list[str] = field(default_factory=list)  # e.g. tensors loaded with --allow-missing
 
 
 def resolve(spec: str | os.PathLike | None) -> tuple[str, Path | None]:
@@ -182,6 +184,7 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | None = None,
     tokenizer: bool = True,
+    allow_missing: bool | None = None,
 ) -> LoadedModel:
     """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, gemma3, minilm)."""
     import transformers
@@ -202,18 +205,24 @@ def load_model(
         raise LayerscopeError(f"could not load '{model_id}' (offline or not found): {str(exc).splitlines()[0]}") from None
     cls = _auto_class(config)
     dtype = resolve_dtype(dtype)
-    kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
+                  output_loading_info=True)
     try:
         try:
-            model = cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+            model, info = cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
         except ValueError as exc:
             if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
                 raise
-            model = cls.from_pretrained(source, attn_implementation="eager", **kwargs)  # no SDPA kernel for it
+            model, info = cls.from_pretrained(source, attn_implementation="eager", **kwargs)  # no SDPA kernel for it
     except ValueError as exc:
         raise LayerscopeError(f"unsupported architecture in {model_id}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise LayerscopeError(f"could not load weights of '{model_id}': {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # tensors whose shapes do not fit the config: name them (model/checks.py)
+        if "mismatched_sizes" not in str(exc):
+            raise
+        model, info = cls.from_pretrained(source, attn_implementation="eager", ignore_mismatched_sizes=True, **kwargs)
+    load_warnings = check_loading_info(info, model_id, allow_missing)
     model.eval()
     if device:
         model.to(resolve_device(device))
@@ -221,7 +230,7 @@ def load_model(
     if tokenizer:
         tok = load_tokenizer(source, path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id, path=path,
-                       weights_sha256=weights_hash(files) if files else None)
+                       weights_sha256=weights_hash(files) if files else None, warnings=load_warnings)
 
 
 def _local_config(path: Path | None) -> dict | None:

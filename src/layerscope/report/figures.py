@@ -82,6 +82,24 @@ def importance_normalise(values: np.ndarray, direction: str | None) -> np.ndarra
     return out
 
 
+def rank_normalise(values: np.ndarray, direction: str | None) -> np.ndarray:
+    """Rank scale: the layer's rank position rescaled to [0, 1] (1 = most important; descriptive
+    metrics: 1 = largest). One extreme layer cannot wash out the rest of the row as in min-max.
+    A constant metric maps to 0.5; NaN stays NaN."""
+    from layerscope.metrics.order import importance_order
+
+    v = np.asarray(values, dtype=float)
+    out = np.full(v.shape, np.nan)
+    ok = np.isfinite(v)
+    order = importance_order([x if np.isfinite(x) else None for x in v], direction or "higher")
+    if not order:
+        out[ok] = 0.5
+        return out
+    for pos, layer in enumerate(order):
+        out[layer] = pos / max(1, len(order) - 1)
+    return out
+
+
 def metric_group(metric: str) -> str:
     """Charts of the same family share one depth chart (angular_distance_n1/n2/... -> angular_distance)."""
     return re.sub(r"_n\d+$", "", metric)
@@ -143,28 +161,37 @@ def heatmap_figure(table: ScoreTable) -> tuple[Any, list[str]] | None:
     """Layer x metric heatmap of importance-normalised values. Returns (figure, empty columns)."""
     go = plotly_go()
     L = table.num_layers
-    rows, labels, hover, empty = [], [], [], []
+    rows, ranks, labels, hover, empty = [], [], [], [], []
     for c in layer_columns(table):
         v = column_values(c)
         if not has_values(v):
             empty.append(c.name)
             continue
         rows.append([None if not np.isfinite(x) else round(float(x), 6) for x in importance_normalise(v, c.direction)])
+        ranks.append([None if not np.isfinite(x) else round(float(x), 6) for x in rank_normalise(v, c.direction)])
         labels.append(c.name + (" (descriptive)" if c.direction is None else ""))
         hover.append([f"{fmt(float(x)) if np.isfinite(x) else '—'}<br>{direction_text(c.direction)}" for x in v])
     if not rows:
         return None
-    fig = go.Figure(go.Heatmap(
-        z=rows, x=list(range(L)), y=labels, customdata=hover, zmin=0, zmax=1, colorscale="Viridis",
-        hoverongaps=False, xgap=1, ygap=1,
-        colorbar=dict(title=dict(text="importance<br>(normalised)", side="right"), thickness=14, len=min(1.0, 300 / (22 * len(rows) + 90))),
-        hovertemplate="<b>%{y}</b><br>layer %{x}<br>raw value: %{customdata}<br>normalised: %{z:.2f}<extra></extra>",
-    ))
+    fig = go.Figure()
+    for name, z, visible in (("min-max", rows, True), ("rank", ranks, False)):
+        fig.add_trace(go.Heatmap(
+            z=z, x=list(range(L)), y=labels, customdata=hover, zmin=0, zmax=1, colorscale="Viridis",
+            hoverongaps=False, xgap=1, ygap=1, name=name, visible=visible,
+            colorbar=dict(title=dict(text=f"importance<br>({name})", side="right"), thickness=14,
+                          len=min(1.0, 300 / (22 * len(rows) + 90))),
+            hovertemplate="<b>%{y}</b><br>layer %{x}<br>raw value: %{customdata}<br>" + name
+            + ": %{z:.2f}<extra></extra>",
+        ))
+    fig.update_layout(updatemenus=[dict(
+        type="buttons", direction="right", x=0, xanchor="left", y=1.0, yanchor="bottom", showactive=True,
+        buttons=[dict(label="scale: min-max per row", method="update", args=[{"visible": [True, False]}]),
+                 dict(label="scale: rank", method="update", args=[{"visible": [False, True]}])])])
     fig.update_layout(**base_layout(
         height=max(260, 22 * len(rows) + 90),
         xaxis=dict(**layer_axis(L), side="bottom"),
         yaxis=dict(autorange="reversed", automargin=True, tickfont=dict(size=11)),
-        margin=dict(l=10, r=10, t=10, b=45),
+        margin=dict(l=10, r=10, t=40, b=45),
     ))
     return fig, empty
 

@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         option: Optional[list[str]] = typer.Option(None, "--option", help="KEY=VALUE passed to the metrics (e.g. ablation_greedy=5, quant_tokens=2048); repeatable."),
         seed: Seed = 0,
         force: Force = False,
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the checkpoint in --out "
+                                    "(same numbers as an uninterrupted run)."),
         device: Device = "cpu",
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
@@ -46,16 +48,39 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--tokens, --seq-len, --ablation-tokens must be >= 2, --groups >= 2, --bootstrap >= 0")
         _, model_dir = resolve(model)
         check_output(out, force=force, sources=(model_dir,))
+        from layerscope.checkpoint import Checkpoint, checkpoint_name
+        from layerscope.outputs import claim_output
+
+        claim_output(out, [checkpoint_name("agree")], verb="agree", force=force, sources=(model_dir,))
+        checkpoint = Checkpoint(out / checkpoint_name("agree"), {
+            "verb": "agree", "model": str(model), "scores": _file_digest(scores), "truth": truth, "data": data,
+            "second_corpus": second_corpus, "tokens": tokens, "seq_len": seq_len, "batch_size": batch_size,
+            "ablation_data": ablation_data, "ablation_tokens": ablation_tokens, "gradient_tokens": gradient_tokens,
+            "bootstrap": bootstrap, "groups": groups, "no_extras": no_extras, "option": option, "seed": seed,
+            "dtype": str(dtype)}, resume=resume)
         log = (lambda msg: None) if quiet else (lambda msg: typer.echo(f"agree: {msg}", err=True))
         table = agree(model, scores=scores, truth=truth, out=out, data=data,
                       second_corpus=None if second_corpus.lower() == "none" else second_corpus, tokens=tokens,
                       seq_len=seq_len, batch_size=batch_size, bootstrap=bootstrap, groups=groups,
                       ablation_data=ablation_data, ablation_tokens=ablation_tokens, gradient_tokens=gradient_tokens,
                       extra_scorers=not no_extras, seed=seed, trust_remote_code=trust_remote_code, progress=not quiet,
-                      options=key_values(option), log=log, force=force, device=device, dtype=dtype)
+                      options=key_values(option), log=log, force=force, device=device, dtype=dtype,
+                      checkpoint=checkpoint)
+        checkpoint.remove()
         if not quiet:
             print_agreement(table.extras["agreement"])
         typer.echo(f"wrote {out / 'agreement.json'}, {out / 'scores.json'}, {out / 'report.html'}")
+
+
+def _file_digest(path) -> str | None:
+    if path is None:
+        return None
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return str(path)  # load_result reports the problem itself
 
 
 def print_agreement(res: dict) -> None:

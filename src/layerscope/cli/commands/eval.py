@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from layerscope.model.adapter import find_parts
         from layerscope.model.fast import read_pruned_json, skip_sublayers
         from layerscope.model.loading import load_model, resolve
-        from layerscope.outputs import write_json_atomic
+        from layerscope.outputs import check_output_file, write_output_file
 
         if tokens < 2 or context < 2 or batch_size < 1 or sentences < 2:
             raise LayerscopeError("--tokens, --context, --batch-size and --sentences must be positive (>= 2)")
@@ -88,11 +88,8 @@ def register(app: typer.Typer) -> None:
             except ImportError:
                 raise LayerscopeError("--lm-eval needs lm-evaluation-harness: pip install lm-eval") from None
         model_id, path = resolve(model)
-        if out is not None and path is not None:
-            from layerscope.outputs import is_inside
-
-            if is_inside(out, path):
-                raise LayerscopeError(f"output {out} is inside the model directory {path}; choose another --out")
+        if out is not None:
+            check_output_file(out, verb="eval", sources=(path,))  # before the work, not after it
         loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         record = read_pruned_json(path) if path is not None else None
         if fast and record and record.get("skipped_sublayers"):
@@ -142,5 +139,5 @@ def register(app: typer.Typer) -> None:
             result["lm_eval"] = run_lm_eval(loaded.model, loaded.tokenizer, lm_eval_tasks, batch_size, lm_eval_limit)
             typer.echo(json.dumps(result["lm_eval"], indent=1)[:4000])
         if out is not None:
-            write_json_atomic(out, result)
+            write_output_file(out, result, verb="eval", sources=(path,))
             typer.echo(f"wrote {out}")

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         seed: Seed = 0,
         out: Path = typer.Option(Path("layerscope-out"), "--out", "-o", help="Output directory (created if missing)."),
         force: Force = False,
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan with ground-truth metrics "
+                                    "(ablation) from the checkpoint in --out; same numbers as an uninterrupted run."),
         device: Device = "cpu",
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
@@ -65,10 +67,25 @@ def register(app: typer.Typer) -> None:
         options = key_values(option)
         _, model_dir = resolve(model)
         check_output(out, force=force, sources=(model_dir,))  # before the work, not after it
+        checkpoint = None
+        if "ablation" in names:  # the long one: checkpointed after every batch
+            from layerscope.checkpoint import Checkpoint, checkpoint_name
+            from layerscope.outputs import claim_output
+
+            claim_output(out, [checkpoint_name("scan")], verb="scan", force=force, sources=(model_dir,))
+            checkpoint = Checkpoint(out / checkpoint_name("scan"), {
+                "verb": "scan", "model": str(model), "data": str(data), "metrics": names, "tokens": tokens,
+                "seq_len": seq_len, "batch_size": batch_size, "attn_seqs": attn_seqs, "lens_tokens": lens_tokens,
+                "options": options, "seed": seed, "dtype": str(dtype)}, resume=resume)
+            options["checkpoint"] = checkpoint
+        elif resume:
+            raise LayerscopeError("--resume continues a scan with --metrics ablation; this scan has nothing to resume")
         table = scan(model, data, names, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                      attn_seqs=attn_seqs, lens_tokens=lens_tokens, seed=seed, options=options,
                      trust_remote_code=trust_remote_code, progress=not quiet, device=device, dtype=dtype)
         paths = write_scan_outputs(table, out, model_dir, force=force)
+        if checkpoint is not None:
+            checkpoint.remove()
         if not quiet:
             print_summary(Console(stderr=False), table)
         typer.echo(f"wrote {paths['json']}, {paths['csv']}, {paths['html']}")

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the random orders."),
         out: Path = typer.Option(Path("layerscope-sweep"), "--out", "-o", help="Output directory."),
         force: Force = False,
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep from the checkpoint in "
+                                    "--out (same numbers as an uninterrupted run)."),
         device: Device = "cpu",
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
@@ -75,28 +77,54 @@ def register(app: typer.Typer) -> None:
         if table is not None:
             table.check_same_model(loaded.weights_sha256, num_units(loaded.model, unit), where=scores)
         log = (lambda s: None) if quiet else (lambda s: typer.echo(s, err=True))
+        from layerscope.checkpoint import Checkpoint, checkpoint_name
+        from layerscope.outputs import claim_output
+
+        claim_output(out, [checkpoint_name("sweep")], verb="sweep", force=force, sources=(source_dir,))
+        checkpoint = Checkpoint(out / checkpoint_name("sweep"), {
+            "verb": "sweep", "model": str(model), "weights": loaded.weights_sha256, "unit": unit, "remove": remove,
+            "orders": orders, "scores": _table_digest(table), "dataset": dataset,
+            "split": split, "tokens": tokens, "context": context, "stride": stride, "batch_size": batch_size,
+            "greedy_tokens": greedy_tokens, "greedy_data": greedy_data, "seed": seed, "dtype": str(dtype)},
+            resume=resume)
         needs_table = any(s.kind in ("metric", "default", "metrics", "reverse") for s in specs)
-        if table is None and needs_table:
+        if table is None and needs_table and "table" in checkpoint:
+            table = ScoreTable.model_validate(checkpoint.get("table"))
+        elif table is None and needs_table:
             from layerscope.metrics.scan import scan
 
             names = sorted({source_metric(s.arg) for s in specs if s.kind == "metric"})
             metrics = None if any(s.kind in ("default", "metrics") for s in specs) or not names else names
             log(f"scanning {loaded.model_id} ({'default metrics' if metrics is None else ', '.join(metrics)}) ...")
             table = scan(loaded.model, None, metrics, tokenizer=loaded.tokenizer)
+            checkpoint.put("table", table.to_dict())
         res = sw.run_sweep(loaded.model, loaded.tokenizer, unit=unit, ks=ks, orders=specs, table=table,
                            protocol=protocol, greedy_tokens=greedy_tokens, greedy_data=greedy_data, seed=seed,
-                           model_id=loaded.model_id, weights_sha256=loaded.weights_sha256, log=log)
-        written = write_sweep_outputs(res, table, out, force)
+                           model_id=loaded.model_id, weights_sha256=loaded.weights_sha256, log=log,
+                           checkpoint=checkpoint)
+        written = write_sweep_outputs(res, table, out, force, sources=(source_dir,))
+        checkpoint.remove()
         typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def write_sweep_outputs(res: dict, table, out: Path, force: bool) -> list[Path]:
+def _table_digest(table) -> str | None:
+    """sha256 of a score table's columns (the orders a sweep follows come from them)."""
+    if table is None:
+        return None
+    import hashlib
+    import json
+
+    cols = {n: [c.values, c.direction] for n, c in sorted(table.columns.items())}
+    return hashlib.sha256(json.dumps(cols, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_sweep_outputs(res: dict, table, out: Path, force: bool, sources: tuple = ()) -> list[Path]:
     """sweep.json, sweep.png and, with a score table, scores.json (extras['sweep']) and report.html."""
     from layerscope.evaluation import sweep as sw
     from layerscope.outputs import output_dir
 
     names = ["sweep.json", "sweep.png"]
-    with output_dir(out, verb="sweep", force=force) as tmp:
+    with output_dir(out, verb="sweep", force=force, sources=sources) as tmp:
         sw.RemovalSweep(res).to_json(tmp / "sweep.json")
         sw.save_png(res, tmp / "sweep.png")
         if table is not None:

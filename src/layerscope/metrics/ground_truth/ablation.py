@@ -163,15 +163,33 @@ class AblationResult:
         return [None if _exp(v) is None or base is None else _exp(v) - base for v in self.nll(unit)]
 
 
+def _ids_digest(batches) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        ids = b.inputs["input_ids"]
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+_SUMS = ("base_nll_sum", "positions", "kl_sum", "nll_sum", "block_evaluations", "naive_block_evaluations",
+         "head_evaluations")
+
+
 def _exp(v: float) -> float | None:
     return math.exp(v) if v < 700 else None
 
 
 @torch.no_grad()
-def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | None = None) -> AblationResult:
+def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | None = None,
+                  checkpoint: Any = None) -> AblationResult:
     """Leave-one-out ablation of every block / attention / MLP sublayer with prefix reuse.
 
-    `runner` is a captured BlockRunner; its batches are the evaluated tokens.
+    `runner` is a captured BlockRunner; its batches are the evaluated tokens. With a `checkpoint`
+    (layerscope.checkpoint) the sums are saved after every batch and a resumed run continues from
+    the first unfinished batch, adding in the same order (identical numbers).
     """
     parts = runner.parts
     L = parts.num_layers
@@ -182,7 +200,15 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
     layers = list(range(L)) if layers is None else list(layers)
     res = AblationResult(num_layers=L, units=units)
     t0 = time.perf_counter()
-    for batch in runner.batches:
+    state = checkpoint.get("sums") if checkpoint is not None else None
+    start = 0
+    if state is not None:
+        start = int(state.pop("batches_done"))
+        for k, v in state.items():
+            setattr(res, k, v)
+    for b, batch in enumerate(runner.batches):
+        if b < start:
+            continue
         cache, h_final = _cache_inputs(runner, batch)
         res.block_evaluations += L
         res.naive_block_evaluations += L
@@ -207,6 +233,8 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
                 res.kl_sum[unit][i] += kl
                 res.nll_sum[unit][i] += nll
         del cache, ref
+        if checkpoint is not None:
+            checkpoint.put("sums", {"batches_done": b + 1, **{k: getattr(res, k) for k in _SUMS}})
     res.wall_time_s = time.perf_counter() - t0
     return res
 
@@ -393,10 +421,19 @@ class Ablation(Metric):
         if isinstance(units, str):
             units = [u.strip() for u in units.split(",") if u.strip()]
         runner, desc = ablation_runner(self.ctx)
-        res = leave_one_out(runner, units)
+        ckpt = opts.get("checkpoint")
+        ckpt = ckpt.scoped("ablation") if ckpt is not None else None
+        if ckpt is not None:
+            ckpt.require_same("inputs", {"data": desc, "units": list(units), "weights": opts.get("weights_sha256"),
+                                         "tokens_sha256": _ids_digest(runner.batches),
+                                         "greedy": opts.get("ablation_greedy", 0)})
+        res = leave_one_out(runner, units, checkpoint=ckpt)
         greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
-        greedy = greedy_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl"))) \
-            if greedy_steps > 0 else None
+        greedy = ckpt.get("greedy") if ckpt is not None else None
+        if greedy is None and greedy_steps > 0:
+            greedy = greedy_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl")))
+            if ckpt is not None:
+                ckpt.put("greedy", greedy)
         info = {
             "data": desc,
             "positions_scored": res.positions,
