@@ -172,17 +172,24 @@ class ReferenceScorer:
         n = z.shape[0]
         c: dict[str, Any] = {"a": a, "n": n, "top": z.argmax(-1) if self.top1 else None}
         tgt = self._tgt(a, n)
-        logp, p, lse = _log_softmax(z)  # one chunk; the reference is built once per batch
-        if tgt is not None:
-            zt = z.gather(-1, tgt[:, None]).squeeze(-1).double()
-            self.nll += float((lse - zt).sum())
-        if self.linear:
-            c["negent"] = _rowdot(p.double(), logp.double())
+        zt = z.gather(-1, tgt[:, None]).squeeze(-1).double() if tgt is not None else None
+        if self.linear:  # p in place of the logits buffer: no [n, V] allocation beyond it
+            mx = z.amax(-1, keepdim=True)
+            s = z.sub_(mx).exp_().sum(-1, keepdim=True)
+            p = z.div_(s)
+            lse = mx.squeeze(-1).double() + s.squeeze(-1).double().log()
             w, b = self.head.head.weight, self.head.head.bias
             c["m"] = (p @ w).double()
             c["pb"] = (p @ b).double() if b is not None else None
-        elif keep_logp:
-            c["logp"] = logp.to(self.reference_dtype)
+            # sum_v p log p = sum_v p z - lse = x . m + b . p - lse (the same identity as the scoring)
+            c["negent"] = (x.double() * c["m"]).sum(-1) + (c["pb"] if c["pb"] is not None else 0.0) - lse
+        else:
+            logp, p, lse = _log_softmax(z)  # one chunk; the reference is built once per batch
+            c["negent"] = _rowdot(p, logp).double()
+            if keep_logp:
+                c["logp"] = logp.to(self.reference_dtype)
+        if zt is not None:
+            self.nll += float((lse - zt).sum())
         return c
 
     # ------------------------------------------------------------------ scoring a changed model
