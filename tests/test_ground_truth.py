@@ -101,7 +101,9 @@ def test_prefix_reuse_ablation_equals_naive_rerun(family):
     assert res.positions == N
     np.testing.assert_allclose(res.base_nll, base / N, rtol=1e-6)
     for u in kl:
-        np.testing.assert_allclose(res.kl(u), kl[u] / N, rtol=1e-5, atol=1e-9)
+        # both sides round logits in float32 (the vocabulary-bounded scorer sums p.z as x.(W^T p), the
+        # reference here takes log_softmax differences): they agree to ~1e-7 nats per position
+        np.testing.assert_allclose(res.kl(u), kl[u] / N, rtol=1e-5, atol=2e-7)
         np.testing.assert_allclose(res.nll(u), nll[u] / N, rtol=1e-6)
         # a difference of two NLLs of ~5 nats: its absolute precision is that of fp32 log-softmax
         np.testing.assert_allclose(res.dloss(u), nll[u] / N - base / N, rtol=1e-5, atol=2e-6)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from layerscope.analysis.tuned_lens import (
     CHECKPOINT,
@@ -96,28 +95,25 @@ def cache_states(subject, data: Any, *, n_tokens: int, seq_len: int, split: str,
 
 
 @torch.no_grad()
-def evaluate_lenses(head: LensHead, states: torch.Tensor, translators: Translators | None,
-                    chunk: int = 256) -> dict[str, list[float]]:
-    """Per layer 0..L: KL(final || lens) in nats and top-1 agreement, for logit and tuned lens."""
-    Lp1, n, _ = states.shape
+def evaluate_lenses(head: LensHead, states: torch.Tensor, translators: Translators | None) -> dict[str, list[float]]:
+    """Per layer 0..L: KL(final || lens) in nats and top-1 agreement, for logit and tuned lens.
+
+    Vocabulary-bounded (evaluation/scoring.py): positions in chunks, the final distribution kept
+    without its vocabulary axis.
+    """
+    from layerscope.evaluation.scoring import OutputHead, ReferenceScorer
+
+    Lp1 = states.shape[0]
     L = Lp1 - 1
-    out = {k: [0.0] * Lp1 for k in ("logit_kl", "tuned_kl", "logit_top1", "tuned_top1")}
-    for s in range(0, n, chunk):
-        final = F.log_softmax(head.logits(states[L, s:s + chunk]), dim=-1)
-        p = final.exp()
-        top = final.argmax(-1)
-        w = min(chunk, n - s) / n
-        for layer in range(Lp1):
-            h = states[layer, s:s + chunk]
-            logit = F.log_softmax(head.logits(h), dim=-1)
-            out["logit_kl"][layer] += w * float((p * (final - logit)).sum(-1).mean())
-            out["logit_top1"][layer] += w * float((logit.argmax(-1) == top).float().mean())
-            if translators is not None and layer < L:
-                tuned = F.log_softmax(head.logits(translators.translate(layer, h)), dim=-1)
-            else:
-                tuned = logit
-            out["tuned_kl"][layer] += w * float((p * (final - tuned)).sum(-1).mean())
-            out["tuned_top1"][layer] += w * float((tuned.argmax(-1) == top).float().mean())
+    ref = ReferenceScorer(OutputHead.of(head.parts), states[L])
+    out: dict[str, list[float]] = {k: [0.0] * Lp1 for k in ("logit_kl", "tuned_kl", "logit_top1", "tuned_top1")}
+    for layer in range(Lp1):
+        logit = ref.score_hidden(states[layer])
+        tuned = ref.score_hidden(translators.translate(layer, states[layer])) \
+            if translators is not None and layer < L else logit
+        for name, sc in (("logit", logit), ("tuned", tuned)):
+            out[f"{name}_kl"][layer] = sc.kl / sc.n
+            out[f"{name}_top1"][layer] = sc.top1 / sc.n
     return out
 
 

@@ -46,9 +46,9 @@ def _model_configs(parts: ModelParts) -> list[Any]:
 
 
 @contextmanager
-def attention_implementation(parts: ModelParts, impl: str) -> Iterator[None]:
+def attention_implementation(parts: ModelParts, impl: str, configs: list[Any] | None = None) -> Iterator[None]:
     """Temporarily switch the attention kernel (eager returns probabilities, SDPA is faster)."""
-    configs = _model_configs(parts)
+    configs = _model_configs(parts) if configs is None else configs
     before = [c._attn_implementation for c in configs]
     try:
         for c in configs:
@@ -80,9 +80,8 @@ class BlockRunner:
         self.model = parts.model
         self.batches = [Batch(inputs=b, eager=i < eager_batches) for i, b in enumerate(batches)]
         self._returns_tuple: bool | None = None
-        self._default_impl = next(
-            (c._attn_implementation for c in _model_configs(parts) if c._attn_implementation), "eager"
-        )
+        self._configs = _model_configs(parts)  # walked once: forward_block runs thousands of times
+        self._default_impl = next((c._attn_implementation for c in self._configs if c._attn_implementation), "eager")
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
 
@@ -155,7 +154,7 @@ class BlockRunner:
     # ------------------------------------------------------------------ execution
     def forward_block(self, i: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         args, kwargs = batch.block_args[i]
-        with attention_implementation(self.parts, self._impl(batch)):
+        with attention_implementation(self.parts, self._impl(batch), self._configs):
             out = self.parts.blocks[i](h, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 

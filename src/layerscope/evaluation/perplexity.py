@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from layerscope.evaluation.scoring import token_nll
 from layerscope.errors import LayerscopeError
 
 
@@ -123,9 +124,8 @@ def stream_nll(model: torch.nn.Module, ids: torch.Tensor, context_length: int, s
         for s in range(0, len(ws), batch_size):
             chunk = ws[s:s + batch_size]
             x = torch.stack([torch.cat([head, ids[b:e]]) for b, e, _ in chunk]).to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # [B, length-1]
+            logits = model(input_ids=x, use_cache=False).logits
+            nll = token_nll(logits, x)  # [B, length-1], in chunks of positions (evaluation/scoring.py)
             for row, (_, _, scored) in zip(nll, chunk):
                 total += float(row[-scored:].double().sum())
                 count += scored

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from layerscope.evaluation.scoring import OutputHead, ReferenceScorer
 from layerscope.metrics.base import BlockObservation, Column, Metric
 
 
@@ -52,17 +52,15 @@ class LogitLens(Metric):
 
     @torch.no_grad()
     def finish(self) -> list[Column]:
-        runner = self.ctx.runner
-        final_logp = F.log_softmax(runner.head_logits(torch.cat(self.states[self.L - 1])), dim=-1)
-        p_final = final_logp.exp()
-        top_final = final_logp.argmax(-1)
+        # vocabulary-bounded: positions in chunks, the final distribution kept without its vocabulary axis
+        ref = ReferenceScorer(OutputHead.of(self.ctx.parts), torch.cat(self.states[self.L - 1]))
         kl, top1 = {}, {}
         for layer in range(-1, self.L):
-            logp = F.log_softmax(runner.head_logits(torch.cat(self.states[layer])), dim=-1)
-            kl[layer] = float((p_final * (final_logp - logp)).sum(-1).mean())
-            top1[layer] = float((logp.argmax(-1) == top_final).float().mean())
+            score = ref.score_hidden(torch.cat(self.states[layer]))
+            kl[layer] = score.kl / score.n
+            top1[layer] = score.top1 / score.n
             self.states[layer] = []  # free as we go
-        n = int(final_logp.shape[0])
+        n = ref.n
         note = f"computed on a random subsample of {n} token positions (seed {self.ctx.seed})"
         return [
             self.column("block", [kl[i - 1] - kl[i] for i in range(self.L)], metric="logit_lens_kl_drop",

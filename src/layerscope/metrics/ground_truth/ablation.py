@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from layerscope.engine.removal import (
     blocks_removed,
@@ -59,6 +58,7 @@ from layerscope.engine.removal import (
     sublayers_zeroed,
 )
 from layerscope.errors import LayerscopeError
+from layerscope.evaluation.scoring import OutputHead, ReferenceScorer
 from layerscope.metrics.base import Column, Metric
 
 UNITS = ("block", "attention", "mlp")
@@ -74,35 +74,20 @@ REFERENCE = ("leave-one-out ablation, e.g. Men et al. 2024 (ShortGPT), Gromov et
 
 
 # --------------------------------------------------------------------------- scoring
-class Reference:
+class Reference(ReferenceScorer):
     """The full model's next-token distributions on one batch; scores a changed model against them.
 
     `score_hidden(h)` takes the final hidden state of the changed model (before the final norm),
     `score_logits(logits)` its logits; both return (sum over positions of KL(full || changed),
-    sum of NLL, number of positions), sums in float64.
+    sum of NLL, number of positions), sums in float64. Vocabulary-bounded: see
+    layerscope.evaluation.scoring (positions in chunks, the reference kept without its vocabulary axis).
     """
 
     def __init__(self, runner, input_ids: torch.Tensor, h_final: torch.Tensor | None = None,
-                 logits: torch.Tensor | None = None):
-        self.runner = runner
-        self.targets = input_ids[:, 1:].to(runner.device if runner is not None else input_ids.device)
-        if logits is None:
-            logits = runner.head_logits(h_final)
-        self.logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        self.p = self.logp.exp()
-        self.n = int(self.targets.numel())
-        self.nll = float(self._nll(self.logp))
-
-    def _nll(self, logq: torch.Tensor) -> torch.Tensor:
-        return -logq.gather(-1, self.targets[..., None]).squeeze(-1).double().sum()
-
-    def score_logits(self, logits: torch.Tensor) -> tuple[float, float, int]:
-        logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        kl = (self.p * (self.logp - logq)).sum(-1)
-        return float(kl.double().sum()), float(self._nll(logq)), self.n
-
-    def score_hidden(self, h: torch.Tensor) -> tuple[float, float, int]:
-        return self.score_logits(self.runner.head_logits(h))
+                 logits: torch.Tensor | None = None, head: OutputHead | None = None):
+        if head is None and runner is not None:
+            head = OutputHead.of(runner.parts)
+        super().__init__(head, h_final, input_ids, logits=logits, top1=False)
 
 
 def _run(runner, batch, h: torch.Tensor, start: int, skip: Sequence[int] = ()) -> torch.Tensor:
@@ -199,6 +184,7 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
         raise LayerscopeError(f"ablation units must be among {', '.join(UNITS)} (got {', '.join(sorted(unknown)) or 'none'})")
     layers = list(range(L)) if layers is None else list(layers)
     res = AblationResult(num_layers=L, units=units)
+    head = OutputHead.of(parts)  # one logits buffer for every unit
     t0 = time.perf_counter()
     state = checkpoint.get("sums") if checkpoint is not None else None
     start = 0
@@ -212,7 +198,7 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
         cache, h_final = _cache_inputs(runner, batch)
         res.block_evaluations += L
         res.naive_block_evaluations += L
-        ref = Reference(runner, batch.inputs["input_ids"], h_final)
+        ref = Reference(runner, batch.inputs["input_ids"], h_final, head=head)
         res.head_evaluations += 1
         res.base_nll_sum += ref.nll
         res.positions += ref.n
@@ -302,6 +288,7 @@ def greedy_removal(runner, steps: int, by: str = "kl", unit: str = "block",
     removed: list[int] = []
     curve: list[dict[str, Any]] = []
     base, n = 0.0, 0
+    head = OutputHead.of(parts)
     for step in range(steps):
         cand = [i for i in range(L) if i not in removed]
         kl = dict.fromkeys(cand, 0.0)
@@ -309,7 +296,7 @@ def greedy_removal(runner, steps: int, by: str = "kl", unit: str = "block",
         base, n = 0.0, 0
         for batch in runner.batches:
             cache, h_full = _cache_inputs(runner, batch)
-            ref = Reference(runner, batch.inputs["input_ids"], h_full)
+            ref = Reference(runner, batch.inputs["input_ids"], h_full, head=head)
             base, n = base + ref.nll, n + ref.n
             if unit == "block":
                 if removed:  # the inputs of the remaining blocks with the removed ones gone

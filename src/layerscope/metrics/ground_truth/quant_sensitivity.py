@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from layerscope.compress.quant import Scheme, check_linear, check_scheme, fake_quant
 from layerscope.errors import LayerscopeError
+from layerscope.evaluation.scoring import OutputHead, ReferenceScorer
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
-
-_REF_LOGPROB_BYTES = 2 << 30  # keep reference log-probabilities in memory up to this size
 
 
 def schemes_from_options(options: dict[str, Any]) -> list[Scheme]:
@@ -69,7 +68,8 @@ class QuantSensitivity(Metric):
         self.primary = primary[0] if primary else self.schemes[0]
         self.acc = {s: Accumulator(self.L) for s in self.schemes}
         self.max_tokens = ctx.options.get("quant_tokens")
-        self.ref: dict[int, tuple[str, torch.Tensor]] = {}
+        self.ref: dict[int, ReferenceScorer] = {}  # per batch, vocabulary-bounded (evaluation/scoring.py)
+        self.head = OutputHead.of(ctx.parts) if ctx.parts.has_lm_head else None
         self.qweights: dict[Scheme, dict[str, torch.Tensor]] = {}
         self.used_batches: set[int] | None = None
         self.tokens_used = 0
@@ -107,19 +107,11 @@ class QuantSensitivity(Metric):
             h = runner.forward_block(j, h, batch)
         return h
 
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.ctx.runner.head_logits(h), dim=-1)
-
-    def _reference(self, b: int, h0: torch.Tensor, batch) -> torch.Tensor:
-        got = self.ref.get(b)
-        if got is None:
-            final = self._suffix(0, h0, batch)
-            vocab = self.ctx.parts.head.weight.shape[0]
-            size = final.shape[0] * final.shape[1] * vocab * 4 * max(len(self.used_batches or ()), 1)
-            got = ("logp", self._logprobs(final)) if size <= _REF_LOGPROB_BYTES else ("hidden", final)
-            self.ref[b] = got
-        kind, t = got
-        return t if kind == "logp" else self._logprobs(t)
+    def _reference(self, b: int, h0: torch.Tensor, batch) -> ReferenceScorer:
+        ref = self.ref.get(b)
+        if ref is None:
+            ref = self.ref[b] = ReferenceScorer(self.head, self._suffix(0, h0, batch), top1=False)
+        return ref
 
     @torch.no_grad()
     def observe(self, obs: BlockObservation) -> None:
@@ -130,7 +122,6 @@ class QuantSensitivity(Metric):
         if obs.batch_index not in self.ref and obs.index != 0:
             raise LayerscopeError("quant_sensitivity must see every block from the first one")
         ref = self._reference(obs.batch_index, obs.h_in, batch)
-        p_ref = ref.exp()
         linears = self.ctx.parts.block_linears(obs.index)
         original = {n: m.weight.data for n, m in linears.items()}
         for s in self.schemes:
@@ -141,10 +132,9 @@ class QuantSensitivity(Metric):
             finally:
                 for n, m in linears.items():
                     m.weight.data = original[n]
-            h = self._suffix(obs.index + 1, h, batch)
-            logq = self._logprobs(h)
-            kl = (p_ref * (ref - logq)).sum(-1)
-            self.acc[s].add(obs.index, kl)
+            score = ref.score_hidden(self._suffix(obs.index + 1, h, batch))
+            self.acc[s].sum[obs.index] += score.kl
+            self.acc[s].count[obs.index] += score.n
 
     def finish(self) -> list[Column]:
         kl = {s.label: self.acc[s].mean() for s in self.schemes}
