@@ -118,6 +118,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H)
+    if perm is None:  # a group must not straddle two column blocks (its scale is read at its first column)
+        block_size = max(group_size, block_size // group_size * group_size)
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
@@ -146,8 +148,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 def output_error(E: torch.Tensor, xtx: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     """Σ_j w_j · (E XᵀX Eᵀ)_jj for an error E [out, in] (w = 1 when not given): ‖E X‖² per output channel,
     weighted."""
-    Ef = E.double()
-    per_row = ((Ef @ xtx.double()) * Ef).sum(dim=1)
+    Ef = E.float()
+    per_row = ((Ef @ xtx.float()) * Ef).sum(dim=1).double()
     if weights is not None:
         per_row = per_row * weights.double()
     return float(per_row.sum())
