@@ -233,3 +233,114 @@ def test_interrupted_measurement_resumes_to_identical_numbers(tmp_path):
 
     with pytest.raises(LayerscopeError, match="another request"):
         measure_candidates(parts, batches, opts, checkpoint=Checkpoint(tmp_path / "checkpoint", {"k": 2}), resume=True)
+
+
+# --------------------------------------------------------------------------- the CLI
+WORDS = ("the of and in to a is was for on as with by he at from his an were are which this also be has or "
+         "had first one their its new after but who not they have her she two been other when there all during "
+         "into school time may years more most only over city some world would where later up such used many").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                               eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run_cli(args, capsys):
+    import sys
+
+    from layerscope.cli import app as cli
+
+    old = sys.argv
+    sys.argv = ["layerscope", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+            raise SystemExit(0)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+GPTQ_ARGS = ["--budget", "4.5", "--bits", "2,4,8", "--group", "32,64", "--method", "gptq", "--tokens", "512",
+             "--eval-tokens", "512", "-q"]
+
+
+def test_cli_gptq_saves_compressed_tensors_model_that_transformers_loads(tiny_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--export", "llm-compressor"],
+                            capsys)
+    assert code == 0, err
+    res = json.loads((out / "quantize.json").read_text())
+    rows = res["evaluations"]
+    assert rows[0]["name"] == "unquantized" and {"plan (measured)", "uniform (uniform 4b/g64)"} <= {r["name"] for r in rows}
+    assert all(r["predicted_dnll"] is not None and r["measured_dnll"] is not None for r in rows[1:])
+    assert res["plan"]["provenance"]["shipped"] in ("exact plan", "uniform (measured better than the exact plan)")
+    saved = res["exported"]["compressed-tensors model"]
+    assert saved["max_abs_logit_diff"] < 1e-4
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert not list(out.glob("**/*.pt")) and not list(out.glob("**/*.pkl"))
+    AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers loads it
+
+
+def test_ctrl_c_leaves_no_output_and_cli_resume_gives_the_same_numbers(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the measurement: it propagates (the CLI turns it into exit 130 with
+    one line, cli/app.py), nothing partial is left looking complete, the measured blocks are in the
+    checkpoint; `--resume` then gives exactly the numbers of an uninterrupted run."""
+    import json
+
+    from layerscope.actions.quantize import quantize
+    from layerscope.compress import quant_stats
+
+    ref = tmp_path / "ref"
+    assert run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(ref)], capsys)[0] == 0
+    orig = quant_stats.Checkpoint.save_block
+
+    def interrupting(self, block, losses):
+        orig(self, block, losses)
+        if block == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(quant_stats.Checkpoint, "save_block", interrupting)
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(tiny_dir), out=out, budget="4.5", bits="2,4,8", group="32,64", method="gptq", tokens=512,
+                 eval_tokens=512)
+    monkeypatch.setattr(quant_stats.Checkpoint, "save_block", orig)
+    assert not (out / "quantize.json").exists() and not (out / "model").exists()
+    blocks = json.loads((out / "checkpoint" / "candidate_losses.json").read_text())["blocks"]
+    assert sorted(blocks) == ["0", "1"]
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    a, b = (json.loads((d / "quantize.json").read_text()) for d in (ref, out))
+    assert a["plan"]["entries"] == b["plan"]["entries"]
+    assert [r["perplexity"] for r in a["evaluations"]] == [r["perplexity"] for r in b["evaluations"]]
+    ca, cb = (json.loads((d / "checkpoint" / "candidate_losses.json").read_text())["blocks"] for d in (ref, out))
+    assert ca == cb
+    # a different request does not resume someone else's checkpoint
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS[:-1], "--damp", "0.1", "-q", "--out", str(out),
+                             "--resume"], capsys)
+    assert code != 0 and "another request" in err

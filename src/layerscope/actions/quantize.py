@@ -41,7 +41,7 @@ class QuantizeResult(Result):
 
 
 def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2,3,4,8", group: str | list[int] = "64",
-                  by: str = "quant_sensitivity", scores=None, granularity: str = "block", method: str = "rtn",
+                  by: str = "measured", scores=None, granularity: str = "block", method: str = "rtn",
                   fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
                   device: str | None = None, dtype=None, loaded=None, act_order: bool = False,
                   damp: float = 0.01) -> QuantPlan:
@@ -52,7 +52,7 @@ def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2
                               act_order=act_order, damp=damp)[0]
 
 
-def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="quant_sensitivity", scores=None,
+def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="measured", scores=None,
                        granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
                        trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.01,
                        out=None, force=False, resume=False, state=None):

@@ -1,0 +1,170 @@
+"""Bench: RTN vs GPTQ, uniform vs exact per-linear allocation vs llama.cpp's rule, at 3.0-4.5 bpw on SmolLM2.
+
+    PYTHONPATH=src .venv/bin/python bench/quant_gptq.py
+
+One run prints the whole table. Every row: held-out Wikipedia perplexity, same protocol (the
+evaluation split, LAYERSCOPE_BENCH_EVAL_TOKENS tokens, context 512, disjoint windows, fp32 compute).
+Options: bits {2,3,4,8} x group {32,64,128}; bpw counted in HQQ's storage format for every row
+(codes + 16-bit scale and zero per group; 3-bit packs ten codes per int32). Rows:
+  * RTN-uniform / GPTQ-uniform: the best single option within the budget (GPTQ groups must divide
+    the row, so g128 on 576-wide rows is realised as g64 and costed as such);
+  * RTN-exact / GPTQ-exact: exact MILP per linear layer over the losses measured for every
+    candidate with its own quantizer (compress.quant_stats; one gradient pass + one statistics pass
+    on LAYERSCOPE_BENCH_CALIB_TOKENS calibration tokens, shared by both methods);
+  * llama.cpp rule: use_more_bits() blocks get the higher option (RTN), as in bench/quant_allocation.py.
+GPTQ here uses the Hessians of the unquantized model (not sequential), damping 0.01, no act-order.
+For the exact rows the predicted ΔNLL (nats/token) is printed next to the measured ln(ppl/ppl_fp32).
+At LAYERSCOPE_BENCH_SAVE_BUDGET (4.0) the GPTQ-exact model is saved as compressed-tensors
+pack-quantized, reloaded with transformers.AutoModelForCausalLM and its logits compared.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _quant_common import OUT, log, wait_for_assets  # noqa: E402
+
+
+def main() -> None:
+    import torch
+
+    from layerscope.actions.export.compressed import save_compressed, validate_reload
+    from layerscope.actions.quantize_measured import calibration_batches, perplexity_with
+    from layerscope.compress.quant import fake_quant
+    from layerscope.compress.quant_stats import CandidateLosses, apply_gptq, measure_candidates
+    from layerscope.evaluation.perplexity import PerplexityProtocol, token_stream
+    from layerscope.model.adapter import find_parts
+    from layerscope.model.loading import load_model
+    from layerscope.plans import allocate as al
+    from layerscope.plans.quant_measured import exact_plan, uniform_plan
+
+    eval_tokens = int(os.environ.get("LAYERSCOPE_BENCH_EVAL_TOKENS", 4096))
+    calib_tokens = int(os.environ.get("LAYERSCOPE_BENCH_CALIB_TOKENS", 8192))
+    budgets = [float(x) for x in os.environ.get("LAYERSCOPE_BENCH_BUDGETS", "3.0,3.5,4.0,4.25,4.5").split(",")]
+    save_budget = float(os.environ.get("LAYERSCOPE_BENCH_SAVE_BUDGET", 4.0))
+    model_name = os.environ.get("LAYERSCOPE_BENCH_MODEL") or None
+    t0 = time.perf_counter()
+    wait_for_assets()
+    lm = load_model(model_name)
+    parts = find_parts(lm.model)
+    layers = al.model_layers(parts)
+    proto = PerplexityProtocol(max_tokens=eval_tokens)
+    ids = token_stream(lm.tokenizer, proto)
+    base = perplexity_with(lm.model, ids, proto, None)
+    log(f"{lm.model_id}: fp32 perplexity {base:.4f} ({proto.describe()})")
+
+    rtn_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "rtn")
+    gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq")
+    batches = calibration_batches(lm.tokenizer, calib_tokens, 512)
+    t = time.perf_counter()
+    both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log)
+    t_measure = time.perf_counter() - t
+    log(f"measured {len(both.losses)} layers x {len(both.options)} candidates in {t_measure:.0f} s")
+    split = {}
+    for meth, opts in (("rtn", rtn_opts), ("gptq", gptq_opts)):
+        idx = [both.options.index(o) for o in opts]
+        split[meth] = CandidateLosses(options=opts, losses={n: [r[k] for k in idx] for n, r in both.losses.items()},
+                                      hessians=both.hessians if meth == "gptq" else {}, tokens=both.tokens)
+    common = dict(fmt="hqq", num_layers=parts.num_layers, blocks_path=parts.blocks_path)
+    mods = dict(lm.model.named_modules())
+
+    def weights_of(plan):
+        if plan.method == "gptq":
+            orig = {e.name: mods[e.name].weight.data for e in plan.entries}
+            try:
+                q = apply_gptq(parts, plan.assignment(), hessians=both.hessians)
+                return {n: mods[n].weight.data for n in orig}, q
+            finally:
+                for n, w in orig.items():
+                    mods[n].weight.data = w
+        a = plan.assignment()
+        return {n: fake_quant(mods[n].weight.data, s) for n, s in a.items()}, None
+
+    rows, saved = [], {}
+    for budget in budgets:
+        plans = [("RTN-uniform", uniform_plan(layers, rtn_opts, budget, method="rtn", losses=split["rtn"], **common)),
+                 ("RTN-exact", exact_plan(layers, split["rtn"], budget, method="rtn", **common)),
+                 ("GPTQ-uniform", uniform_plan(layers, gptq_opts, budget, method="gptq", losses=split["gptq"],
+                                               **common)),
+                 ("GPTQ-exact", exact_plan(layers, split["gptq"], budget, method="gptq", **common)),
+                 ("llama.cpp rule", al.llamacpp_plan(layers, rtn_opts, budget, **common))]
+        for name, p in plans:
+            t = time.perf_counter()
+            w, q = weights_of(p)
+            ppl = perplexity_with(lm.model, ids, proto, w)
+            measured = math.log(ppl / base)
+            row = {"budget": budget, "name": name, "by": p.by, "bpw": p.achieved_bpw, "perplexity": ppl,
+                   "vs_fp32": ppl / base - 1, "predicted_dnll": p.objective if p.strategy in ("milp", "uniform") and
+                   name != "llama.cpp rule" else None, "measured_dnll": measured,
+                   "mix": _mix(p)}
+            rows.append(row)
+            pred = f"predicted ΔNLL {row['predicted_dnll']:.4f} " if row["predicted_dnll"] is not None else ""
+            log(f"{budget:g} bpw  {name:<15s} {p.achieved_bpw:.4f} bpw  ppl {ppl:9.4f} ({ppl / base - 1:+.1%})  "
+                f"{pred}measured ΔNLL {measured:.4f}  ({time.perf_counter() - t:.0f} s)  {row['mix']}")
+            if name == "GPTQ-exact" and abs(budget - save_budget) < 1e-9:
+                saved = _save_and_reload(lm, mods, w, q, ids, save_compressed, validate_reload)
+
+    print()
+    print(f"Quantization on {lm.model_id} ({parts.num_layers} blocks): held-out Wikipedia perplexity")
+    print(f"  {proto.describe()}; calibration {calib_tokens} tokens (Wikipedia calibration split, 512-token windows)")
+    print("  options bits {2,3,4,8} x group {32,64,128}; bpw in HQQ's storage format (scale+zero per group) for all rows")
+    print(f"  fp32 perplexity {base:.4f}" + (" (SmolLM2 weights are dequantized Q4_1)" if lm.model_id == "smollm2" else ""))
+    print(f"  measurement of {len(both.options)} candidates x {len(both.losses)} layers: {t_measure:.0f} s")
+    for budget in budgets:
+        print(f"\n  budget {budget:g} bpw")
+        print(f"  {'plan':<16s} {'bpw':>7s} {'ppl':>10s} {'vs fp32':>8s} {'pred ΔNLL':>10s} {'meas ΔNLL':>10s}")
+        rs = [r for r in rows if r["budget"] == budget]
+        best = min(r["perplexity"] for r in rs)
+        for r in rs:
+            pred = f"{r['predicted_dnll']:10.4f}" if r["predicted_dnll"] is not None else f"{'-':>10s}"
+            print(f"  {r['name']:<16s} {r['bpw']:7.4f} {r['perplexity']:10.4f} {r['vs_fp32']:+8.1%} {pred} "
+                  f"{r['measured_dnll']:10.4f}" + ("  <- best" if r["perplexity"] == best else ""))
+    if saved:
+        print(f"\n  GPTQ-exact at {save_budget:g} bpw saved as compressed-tensors pack-quantized "
+              f"({saved['mb']:.1f} MB safetensors), reloaded with transformers.AutoModelForCausalLM: "
+              f"max |logit diff| vs the in-memory model {saved['max_abs_logit_diff']:.3g} on {saved['tokens']} tokens")
+    print(f"\n  total {time.perf_counter() - t0:.0f} s")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "quant_gptq.json").write_text(json.dumps({"model": lm.model_id, "baseline_perplexity": base,
+                                                     "protocol": proto.model_dump(), "calib_tokens": calib_tokens,
+                                                     "rows": rows, "saved": saved}, indent=2))
+    log(f"wrote {OUT / 'quant_gptq.json'}")
+    del torch
+
+
+def _mix(plan) -> str:
+    from collections import Counter
+
+    c = Counter()
+    for e in plan.entries:
+        c[f"{e.bits}b/g{e.group_size}"] += e.shape[0] * e.shape[1]
+    n = sum(c.values())
+    return " ".join(f"{k}:{v / n:.0%}" for k, v in sorted(c.items()))
+
+
+def _save_and_reload(lm, mods, w, q, ids, save_compressed, validate_reload) -> dict:
+    orig = {n: mods[n].weight.data for n in w}
+    try:
+        for n, t in w.items():
+            mods[n].weight.data = t
+        d = Path(tempfile.mkdtemp(prefix="quant_gptq_"))
+        save_compressed(lm.model, q, d / "model")
+        mb = sum(f.stat().st_size for f in (d / "model").glob("*.safetensors")) / 2 ** 20
+        x = ids[:512][None, :]
+        diff = validate_reload(d / "model", lm.model, x)
+    finally:
+        for n, t in orig.items():
+            mods[n].weight.data = t
+    log(f"saved + reloaded with transformers: max |logit diff| {diff:.3g}")
+    return {"max_abs_logit_diff": diff, "tokens": int(x.numel()), "mb": mb, "dir": str(d / "model")}
+
+
+if __name__ == "__main__":
+    main()
