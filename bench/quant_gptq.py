@@ -46,7 +46,8 @@ def main() -> None:
     from layerscope.plans.quant_measured import exact_plan, uniform_plan
 
     eval_tokens = int(os.environ.get("LAYERSCOPE_BENCH_EVAL_TOKENS", 4096))
-    calib_tokens = int(os.environ.get("LAYERSCOPE_BENCH_CALIB_TOKENS", 8192))
+    calib_tokens = int(os.environ.get("LAYERSCOPE_BENCH_CALIB_TOKENS", 4096))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # small ops: OpenMP barriers cost more than they give
     budgets = [float(x) for x in os.environ.get("LAYERSCOPE_BENCH_BUDGETS", "3.0,3.5,4.0,4.25,4.5").split(",")]
     save_budget = float(os.environ.get("LAYERSCOPE_BENCH_SAVE_BUDGET", 4.0))
     model_name = os.environ.get("LAYERSCOPE_BENCH_MODEL") or None
@@ -64,7 +65,13 @@ def main() -> None:
     gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq")
     batches = calibration_batches(lm.tokenizer, calib_tokens, 512)
     t = time.perf_counter()
-    both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log)
+    from layerscope.actions.quantize_measured import checkpoint_key
+    from layerscope.compress.quant_stats import Checkpoint
+
+    ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}"
+    ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, 0.01, False))
+    resume = (ck_dir / "candidate_losses.json").is_file()
+    both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume)
     t_measure = time.perf_counter() - t
     log(f"measured {len(both.losses)} layers x {len(both.options)} candidates in {t_measure:.0f} s")
     split = {}

@@ -21,6 +21,7 @@ Checkpoint: the Fisher vectors and each block's measured losses are written as t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -193,6 +194,7 @@ def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float
     def on_block(i: int, _block, stats) -> None:
         done = ck.blocks.get(str(i))
         per: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
         for lin, st in stats.items():
             name = f"{parts.blocks_path}.{i}.{lin}"
             H = st.hessian(damp) if (need_h or done is None) else None
@@ -210,7 +212,7 @@ def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float
             per[name] = row
         if done is None:
             ck.save_block(i, per)
-            log(f"  block {i}: measured {len(per)} layers x {len(options)} candidates")
+            log(f"  block {i}: measured {len(per)} layers x {len(options)} candidates ({time.perf_counter() - t0:.0f} s)")
         res.losses.update(done if done is not None else per)
         if after_block is not None:
             after_block(i)
