@@ -118,32 +118,56 @@ def main() -> None:
             if name == "GPTQ-exact" and abs(budget - save_budget) < 1e-9:
                 saved = _save_and_reload(lm, mods, w, q, ids, save_compressed, validate_reload)
 
-    print()
-    print(f"Quantization on {lm.model_id} ({parts.num_layers} blocks): held-out Wikipedia perplexity")
-    print(f"  {proto.describe()}; calibration {calib_tokens} tokens (Wikipedia calibration split, 512-token windows)")
-    print("  options bits {2,3,4,8} x group {32,64,128}; bpw in HQQ's storage format (scale+zero per group) for all rows")
-    print(f"  fp32 perplexity {base:.4f}" + (" (SmolLM2 weights are dequantized Q4_1)" if lm.model_id == "smollm2" else ""))
-    print(f"  measurement of {len(both.options)} candidates x {len(both.losses)} layers: {t_measure:.0f} s")
-    for budget in budgets:
-        print(f"\n  budget {budget:g} bpw")
-        print(f"  {'plan':<16s} {'bpw':>7s} {'ppl':>10s} {'vs fp32':>8s} {'pred ΔNLL':>10s} {'meas ΔNLL':>10s}")
-        rs = [r for r in rows if r["budget"] == budget]
-        best = min(r["perplexity"] for r in rs)
-        for r in rs:
-            pred = f"{r['predicted_dnll']:10.4f}" if r["predicted_dnll"] is not None else f"{'-':>10s}"
-            print(f"  {r['name']:<16s} {r['bpw']:7.4f} {r['perplexity']:10.4f} {r['vs_fp32']:+8.1%} {pred} "
-                  f"{r['measured_dnll']:10.4f}" + ("  <- best" if r["perplexity"] == best else ""))
-    if saved:
-        print(f"\n  GPTQ-exact at {save_budget:g} bpw saved as compressed-tensors pack-quantized "
-              f"({saved['mb']:.1f} MB safetensors), reloaded with transformers.AutoModelForCausalLM: "
-              f"max |logit diff| vs the in-memory model {saved['max_abs_logit_diff']:.3g} on {saved['tokens']} tokens")
-    print(f"\n  total {time.perf_counter() - t0:.0f} s")
+    result = {"model": lm.model_id, "num_layers": parts.num_layers, "baseline_perplexity": base,
+              "protocol": proto.model_dump(), "protocol_text": proto.describe(), "calib_tokens": calib_tokens,
+              "measure_seconds": t_measure, "candidates": len(both.options), "layers": len(both.losses),
+              "budgets": budgets, "rows": rows, "saved": saved, "save_budget": save_budget,
+              "seconds": time.perf_counter() - t0}
+    print_table(result)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "quant_gptq.json").write_text(json.dumps({"model": lm.model_id, "baseline_perplexity": base,
-                                                     "protocol": proto.model_dump(), "calib_tokens": calib_tokens,
-                                                     "rows": rows, "saved": saved}, indent=2))
-    log(f"wrote {OUT / 'quant_gptq.json'}")
+    tag = os.environ.get("LAYERSCOPE_BENCH_TAG", "")
+    path = OUT / f"quant_gptq{'_' + tag if tag else ''}.json"
+    path.write_text(json.dumps(result, indent=2))
+    log(f"wrote {path}")
     del torch
+
+
+def print_table(r: dict) -> None:
+    base, rows = r["baseline_perplexity"], r["rows"]
+    print()
+    print(f"Quantization on {r['model']} ({r['num_layers']} blocks): held-out Wikipedia perplexity")
+    print(f"  {r['protocol_text']}; calibration {r['calib_tokens']} tokens (Wikipedia calibration split, 512-token windows)")
+    print("  options bits {2,3,4,8} x group {32,64,128}; bpw in HQQ's storage format (scale+zero per group) for all rows")
+    print(f"  fp32 perplexity {base:.4f}" + (" (SmolLM2 weights are dequantized Q4_1)" if r["model"] == "smollm2" else ""))
+    print(f"  measurement of {r['candidates']} candidates x {r['layers']} layers: {r['measure_seconds']:.0f} s")
+    for budget in r["budgets"]:
+        print(f"\n  budget {budget:g} bpw")
+        print(f"  {'plan':<16s} {'bpw':>7s} {'ppl':>10s} {'vs fp32':>8s} {'pred ΔNLL':>10s} {'meas ΔNLL':>10s}  mix")
+        rs = [x for x in rows if x["budget"] == budget]
+        best = min(x["perplexity"] for x in rs)
+        for x in rs:
+            pred = f"{x['predicted_dnll']:10.4f}" if x["predicted_dnll"] is not None else f"{'-':>10s}"
+            print(f"  {x['name']:<16s} {x['bpw']:7.4f} {x['perplexity']:10.4f} {x['vs_fp32']:+8.1%} {pred} "
+                  f"{x['measured_dnll']:10.4f}  {x['mix']}" + ("  <- best" if x["perplexity"] == best else ""))
+    s = r.get("saved")
+    if s:
+        print(f"\n  GPTQ-exact at {r['save_budget']:g} bpw saved as compressed-tensors pack-quantized "
+              f"({s['mb']:.1f} MB safetensors), reloaded with transformers.AutoModelForCausalLM: "
+              f"max |logit diff| vs the in-memory model {s['max_abs_logit_diff']:.3g} on {s['tokens']} tokens")
+    print(f"\n  total {r['seconds']:.0f} s")
+
+
+def merge(paths: list[str]) -> None:
+    """Print one table from the JSON of runs that split the budgets (LAYERSCOPE_BENCH_BUDGETS/_TAG)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    r = dict(parts[0])
+    if any(abs(p["baseline_perplexity"] - r["baseline_perplexity"]) > 1e-9 for p in parts):
+        raise SystemExit("the runs do not share one baseline (different protocol or model)")
+    r["budgets"] = sorted(b for p in parts for b in p["budgets"])
+    r["rows"] = [x for p in parts for x in p["rows"]]
+    r["saved"] = next((p["saved"] for p in parts if p.get("saved")), {})
+    r["seconds"] = max(p["seconds"] for p in parts)
+    print_table(r)
 
 
 def _mix(plan) -> str:
@@ -174,4 +198,7 @@ def _save_and_reload(lm, mods, w, q, ids, save_compressed, validate_reload) -> d
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        merge(sys.argv[2:])
+    else:
+        main()

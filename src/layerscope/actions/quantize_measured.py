@@ -150,9 +150,9 @@ def evaluate_against_uniform(lm, parts, plan, state, *, eval_tokens: int, sequen
         measured = math.log(ppl) - math.log(base)
         rows.append({"name": f"{tag} ({p.by})", "bpw": p.achieved_bpw, "perplexity": ppl,
                      "predicted_dnll": p.objective, "measured_dnll": measured})
-        pred = f"predicted ΔNLL {p.objective:.4f}, " if p.objective is not None else ""
+        pred = f"predicted ΔNLL {p.objective:.4g}, " if p.objective is not None else ""
         say(f"{tag} {p.by}: {p.achieved_bpw:.4f} bpw, perplexity {ppl:.4f} ({ppl / base - 1:+.2%}); "
-            f"{pred}measured ΔNLL {measured:.4f} nats/token")
+            f"{pred}measured ΔNLL {measured:.4g} nats/token")
         weights_of[tag] = (w, qw)
         if ppl < best_ppl:
             best, best_ppl = tag, ppl
