@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quant_common import OUT, log, wait_for_assets  # noqa: E402
 
 
+ROWS = ("RTN-uniform", "RTN-exact", "GPTQ-uniform", "GPTQ-exact", "llama.cpp rule")
+
+
 def main() -> None:
     import torch
 
@@ -61,9 +64,13 @@ def main() -> None:
     base = perplexity_with(lm.model, ids, proto, None)
     log(f"{lm.model_id}: fp32 perplexity {base:.4f} ({proto.describe()})")
 
+    wanted = [x.strip() for x in os.environ.get("LAYERSCOPE_BENCH_ROWS", ",".join(ROWS)).split(",") if x.strip()]
     rtn_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "rtn")
     gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq")
-    batches = calibration_batches(lm.tokenizer, calib_tokens, 512)
+    if not set(wanted) & {"RTN-exact", "GPTQ-uniform", "GPTQ-exact"}:  # rows that need no calibration
+        calib_tokens = 0
+        both = CandidateLosses(options=rtn_opts + gptq_opts)
+    batches = calibration_batches(lm.tokenizer, calib_tokens, 512) if calib_tokens else None
     t = time.perf_counter()
     from layerscope.actions.quantize_measured import checkpoint_key
     from layerscope.compress.quant_stats import Checkpoint
@@ -71,7 +78,8 @@ def main() -> None:
     ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}"
     ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, 0.01, False))
     resume = (ck_dir / "candidate_losses.json").is_file()
-    both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume)
+    if calib_tokens:
+        both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume)
     t_measure = time.perf_counter() - t
     log(f"measured {len(both.losses)} layers x {len(both.options)} candidates in {t_measure:.0f} s")
     split = {}
@@ -96,13 +104,17 @@ def main() -> None:
 
     rows, saved = [], {}
     for budget in budgets:
-        plans = [("RTN-uniform", uniform_plan(layers, rtn_opts, budget, method="rtn", losses=split["rtn"], **common)),
-                 ("RTN-exact", exact_plan(layers, split["rtn"], budget, method="rtn", **common)),
-                 ("GPTQ-uniform", uniform_plan(layers, gptq_opts, budget, method="gptq", losses=split["gptq"],
-                                               **common)),
-                 ("GPTQ-exact", exact_plan(layers, split["gptq"], budget, method="gptq", **common)),
-                 ("llama.cpp rule", al.llamacpp_plan(layers, rtn_opts, budget, **common))]
-        for name, p in plans:
+        measured = bool(both.losses)
+        plans = {
+            "RTN-uniform": lambda: uniform_plan(layers, rtn_opts, budget, method="rtn",
+                                                losses=split["rtn"] if measured else None, **common),
+            "RTN-exact": lambda: exact_plan(layers, split["rtn"], budget, method="rtn", **common),
+            "GPTQ-uniform": lambda: uniform_plan(layers, gptq_opts, budget, method="gptq", losses=split["gptq"],
+                                                 **common),
+            "GPTQ-exact": lambda: exact_plan(layers, split["gptq"], budget, method="gptq", **common),
+            "llama.cpp rule": lambda: al.llamacpp_plan(layers, rtn_opts, budget, **common)}
+        for name in [r for r in ROWS if r in wanted]:
+            p = plans[name]()
             t = time.perf_counter()
             w, q = weights_of(p)
             ppl = perplexity_with(lm.model, ids, proto, w)
@@ -164,7 +176,11 @@ def merge(paths: list[str]) -> None:
     if any(abs(p["baseline_perplexity"] - r["baseline_perplexity"]) > 1e-9 for p in parts):
         raise SystemExit("the runs do not share one baseline (different protocol or model)")
     r["budgets"] = sorted(b for p in parts for b in p["budgets"])
-    r["rows"] = [x for p in parts for x in p["rows"]]
+    r["rows"] = sorted((x for p in parts for x in p["rows"]), key=lambda x: (x["budget"], ROWS.index(x["name"])))
+    r["budgets"] = sorted(set(r["budgets"]))
+    r["calib_tokens"] = max(p["calib_tokens"] for p in parts)
+    r["measure_seconds"] = max(p["measure_seconds"] for p in parts)
+    r["layers"] = max(p["layers"] for p in parts)
     r["saved"] = next((p["saved"] for p in parts if p.get("saved")), {})
     r["seconds"] = max(p["seconds"] for p in parts)
     print_table(r)
