@@ -270,7 +270,7 @@ def test_cli_bad_input_one_line(tiny_dir, tmp_path, capsys, args, msg):
 def test_cli_quantize_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     code, so, err = run_cli(["quantize", str(tiny_dir), "--budget", "3.5", "--bits", "2,3,4,8", "--by", "llamacpp",
-                             "--no-eval", "--out", str(out), "--export", "gptqmodel,llm-compressor,hqq,llamacpp",
+                             "--no-eval", "--out", str(out), "--export", "gptqmodel,llm-compressor,hqq,llamacpp,hqq-pickle",
                              "--quiet"], capsys)
     assert code == 0, err
     plan = json.loads((out / "plan.json").read_text())
@@ -278,6 +278,7 @@ def test_cli_quantize_end_to_end(tiny_dir, tmp_path, capsys):
     assert plan["provenance"]["metric"] == "llamacpp" and plan["provenance"]["budget_bpw"] == 3.5
     val = json.loads((out / "export" / "validation.json").read_text())
     assert set(val) == {"gptqmodel", "llm-compressor", "hqq", "llamacpp"}
+    assert not list(out.glob("**/*.pt")) or (out / "model" / "qmodel.pt").exists()
     loaded = qb.load_hqq_model(out / "model")
     assert len(dict(qb.hqq_layers(loaded))) == 4 * 7
 

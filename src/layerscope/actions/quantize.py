@@ -41,20 +41,24 @@ class QuantizeResult(Result):
 
 
 def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2,3,4,8", group: str | list[int] = "64",
-                  by: str = "quant_sensitivity", scores=None, granularity: str = "block", method: str = "rtn",
+                  by: str = "measured", scores=None, granularity: str = "block", method: str = "rtn",
                   fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
-                  device: str | None = None, dtype=None, loaded=None) -> QuantPlan:
+                  device: str | None = None, dtype=None, loaded=None, act_order: bool = False,
+                  damp: float = 0.01) -> QuantPlan:
     """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan."""
     return resolve_quant_plan(model, budget=budget, bits=bits, group=group, by=by, scores=scores,
                               granularity=granularity, method=method, fmt=fmt, tokens=tokens, quiet=quiet,
-                              trust_remote_code=trust_remote_code, device=device, dtype=dtype, loaded=loaded)[0]
+                              trust_remote_code=trust_remote_code, device=device, dtype=dtype, loaded=loaded,
+                              act_order=act_order, damp=damp)[0]
 
 
-def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="quant_sensitivity", scores=None,
+def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="measured", scores=None,
                        granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
-                       trust_remote_code=False, device=None, dtype=None, loaded=None):
+                       trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.01,
+                       out=None, force=False, resume=False, state=None):
     """`plan_quantize`, also returning (score table used or None, the loaded model)."""
     import datetime as _dt
+    import math
 
     from layerscope import __version__
     from layerscope.compress.quant import FORMATS, check_scheme, parse_bits
@@ -84,9 +88,28 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="qu
         table.check_same_model(lm.weights_sha256, parts.num_layers, where=scores)
     if not parts.has_lm_head and by == "quant_sensitivity":
         raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --by METRIC")
-    plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
-                                  fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
-                                  progress=not quiet, log=say)
+    if by == "measured" or method == "gptq":  # per-linear losses measured for every candidate (plans.quant_measured)
+        from layerscope.actions.quantize_measured import plan_measured
+        from layerscope.plans.allocate import check_budget, cost_matrix, make_units, model_layers, parse_options, total_params
+
+        if damp < 0 or not math.isfinite(damp):
+            raise LayerscopeError(f"--damp must be a non-negative number, got {damp}")
+        options = parse_options(bit_list, groups, method)
+        layers = model_layers(parts)
+        check_budget(bud, cost_matrix(layers, make_units(layers, "block"), options, fmt), total_params(layers),
+                     options, fmt)
+        plan, st = plan_measured(lm, parts, budget=bud, options=options, by=by, fmt=fmt, tokens=tokens, damp=damp,
+                                 act_order=act_order, out=out, force=force, resume=resume,
+                                 sources=(lm.path,) if lm.path else (), log=say)
+        if state is not None:
+            state.update(st)
+        used_table = None
+    else:
+        if resume:
+            raise LayerscopeError("--resume continues the measured allocation (--by measured or --method gptq)")
+        plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
+                                      fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
+                                      progress=not quiet, log=say)
     plan.provenance = {
         "source_model": lm.model_id,
         "source_path": str(lm.path) if lm.path else None,
@@ -100,7 +123,9 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="qu
         "bits": bit_list,
         "group_sizes": groups,
         "method": method,
-        "granularity": granularity,
+        "granularity": "linear" if by == "measured" else granularity,
+        "act_order": act_order if method == "gptq" else None,
+        "damp": damp if method == "gptq" else None,
         "layerscope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "covers": "the linear layers of every block; embeddings, norms and the output head are not quantized",
@@ -122,31 +147,34 @@ def _logger(quiet: bool):
 def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Path | str = "layerscope-quant",
              export: str | None = None, evaluate: bool = True, eval_tokens: int = 16384, save_model: bool = True,
              force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device: str | None = None,
-             dtype=None, **request):
+             dtype=None, resume: bool = False, sequential: bool = False, **request):
     """Apply a QuantPlan (or resolve `request` into one with `plan_quantize` first): evaluate it on
-    held-out text, save the model quantized with HQQ, export the plan. Returns the plan."""
+    held-out text, save the quantized model, export the plan. Returns the QuantizeResult.
+
+    Saved model: GPTQ plans as compressed-tensors pack-quantized safetensors (plain transformers
+    loads them); rtn/hqq plans (HQQ's grid) only as HQQ's pickle-based qmodel.pt with
+    export='hqq-pickle'. `resume` continues the measurement checkpoint in `out`."""
     from layerscope.actions.export.quant import parse_exports
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model, resolve
-    from layerscope.outputs import (
-        check_output,
-        output_dir,
-        write_json_atomic,
-        write_text_atomic,
-    )
+    from layerscope.outputs import check_output, output_dir, write_json_atomic, write_text_atomic
 
     say = _logger(quiet)
     formats = parse_exports(export)
+    pickle_model = "hqq-pickle" in formats
+    formats = [f for f in formats if f != "hqq-pickle"]
     if eval_tokens < 2:
         raise LayerscopeError("--eval-tokens must be at least 2")
     _, source_dir = resolve(model)
     out = check_output(out, force=force, sources=(source_dir,))
     used_table = None
+    state: dict = {}
     if isinstance(plan, (str, Path)):
         plan = QuantPlan.from_file(plan)
     if plan is None:
         plan, used_table, lm = resolve_quant_plan(model, quiet=quiet, trust_remote_code=trust_remote_code,
-                                                  device=device, dtype=dtype, **request)
+                                                  device=device, dtype=dtype, out=out, force=force, resume=resume,
+                                                  state=state, **request)
     else:
         if request:
             raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
@@ -154,12 +182,25 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
         sha = plan.provenance.get("weights_sha256")
         if sha and lm.weights_sha256 and sha != lm.weights_sha256:
             raise LayerscopeError(f"the plan was made for other weights (sha256 {sha[:12]}… vs {lm.weights_sha256[:12]}…)")
-    if evaluate and not find_parts(lm.model).has_lm_head:
+        if plan.method == "gptq":
+            state = {"options": [], "damp": plan.provenance.get("damp") or 0.01,
+                     "act_order": bool(plan.provenance.get("act_order")), "tokens": 2048, "seq_len": 512}
+    parts = find_parts(lm.model)
+    if (evaluate or plan.method == "gptq") and not parts.has_lm_head:
         raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
+    if plan.method == "gptq" and not state.get("tokens"):
+        state.update(tokens=2048, seq_len=512, damp=0.01, act_order=False, options=[])
     pre_rounded = lm.model_id == "smollm2"
-    by = plan.by
-    evaluations = []
-    if evaluate:
+    evaluations, weights, qweights = [], None, {}
+    if evaluate and (state or plan.method == "gptq"):
+        from layerscope.actions.quantize_measured import evaluate_against_uniform
+
+        ev = evaluate_against_uniform(lm, parts, plan, state, eval_tokens=eval_tokens, sequential=sequential, say=say)
+        evaluations, plan = ev["rows"], ev["plan"]
+        (weights, qweights), eval_ids = ev["weights"], ev["ids"]
+        if pre_rounded:
+            evaluations[0]["name"] += " (dequantized Q4_1 fp32)"
+    elif evaluate:
         from layerscope.evaluation.perplexity import PerplexityProtocol
         from layerscope.evaluation.quant_sweep import Evaluator
 
@@ -171,12 +212,15 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
         evaluations = [
             {"name": "unquantized" + (" (dequantized Q4_1 fp32)" if pre_rounded else ""), "bpw": 32.0,
              "perplexity": base},
-            {"name": f"plan ({by})", "bpw": plan.achieved_bpw, "perplexity": q},
+            {"name": f"plan ({plan.by})", "bpw": plan.achieved_bpw, "perplexity": q},
         ]
         plan.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
                                          "plan_perplexity": q, "path": "fake-quant (bit-exact HQQ dequantized weights), fp32 compute"}
         say(f"perplexity: unquantized {base:.4f}, plan {q:.4f} ({(q / base - 1) * 100:+.2f} %)")
+    if plan.method == "gptq" and save_model and weights is None:
+        from layerscope.actions.quantize_measured import planned_weights
 
+        weights, qweights = planned_weights(lm, parts, plan, state, sequential=sequential, log=say)
     with output_dir(out, verb="quantize", force=force, sources=(source_dir,)) as tmp:
         plan.save(tmp / "plan.json")
         if used_table is not None:
@@ -188,30 +232,22 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
             exported = write_exports(plan, formats, tmp / "export", model=lm.model,
                                      model_type=getattr(lm.model.config, "model_type", "llama"))
             write_json_atomic(tmp / "export" / "validation.json", exported)
-        if save_model:
-            import torch
-
-            from layerscope.compress.quant import (
-                fake_quant,
-                hqq_layers,
-                quantize_model_hqq,
-                save_hqq_model,
-            )
-
-            expected = {}
-            for e in plan.entries:  # what the saved layers must dequantize to
-                if e.bits != 16:
-                    w = lm.model.get_submodule(e.name).weight.data
-                    expected[e.name] = fake_quant(w, plan.assignment()[e.name])
-            say("applying the plan with HQQ (HQQLinear, float16 compute) and saving")
-            quantize_model_hqq(lm.model, plan.assignment())
-            for name, layer in hqq_layers(lm.model):
-                if not torch.equal(layer.dequantize().float(), expected[name].float()):
-                    raise LayerscopeError(f"HQQ layer {name} does not reproduce the evaluated fake-quant weights")
-            save_hqq_model(lm.model, tmp / "model")
-            if lm.tokenizer is not None:
-                lm.tokenizer.save_pretrained(str(tmp / "model"))
-        write_text_atomic(tmp / "README.md", _readme(plan, evaluations, exported, save_model))
+        saved = None
+        if save_model and plan.method == "gptq":
+            saved = _save_compressed(lm, weights, qweights, tmp / "model", exported, say,
+                                     eval_ids if evaluate else None)
+        elif save_model and pickle_model:
+            _save_hqq_pickle(lm, plan, tmp / "model", say)
+            saved = "hqq-pickle"
+            exported["hqq-pickle"] = {"files": ["model/qmodel.pt", "model/config.json"],
+                                      "validated_by": "HQQLinear.dequantize() == the evaluated fake-quant weights"}
+        elif save_model:
+            note = (f"no model saved: the {plan.method} plan uses HQQ's grid (float zero points, groups across rows), "
+                    "which compressed-tensors cannot hold; use --method gptq for a compressed-tensors model, or "
+                    "--export hqq-pickle for HQQ's pickle-based qmodel.pt")
+            say(note)
+            plan.notes.append(note)
+        write_text_atomic(tmp / "README.md", _readme(plan, evaluations, exported, saved))
         result = QuantizeResult(plan, evaluations, exported, out)
         result.to_json(tmp / "quantize.json")
         from layerscope.report import render_report
@@ -226,7 +262,56 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
     return result
 
 
-def _readme(plan, evaluations, exported, saved: bool) -> str:
+def _save_compressed(lm, weights, qweights, directory, exported, say, ids=None) -> str:
+    """The GPTQ model as compressed-tensors pack-quantized; reloaded with plain transformers and compared."""
+    from layerscope.actions.export.compressed import save_compressed, validate_reload
+
+    say("saving the model as compressed-tensors pack-quantized safetensors")
+    modules = dict(lm.model.named_modules())
+    original = {n: modules[n].weight.data for n in weights}
+    try:
+        for n, w in weights.items():
+            modules[n].weight.data = w
+        files = save_compressed(lm.model, qweights, directory, lm.tokenizer)
+        check = ids[: min(len(ids), 256)][None, :] if ids is not None else torch_randint(lm)
+        diff = validate_reload(directory, lm.model, check)
+    finally:
+        for n, w in original.items():
+            modules[n].weight.data = w
+    say(f"reloaded with transformers.AutoModelForCausalLM: max |logit difference| {diff:.3g}")
+    exported["compressed-tensors model"] = {
+        "files": [f"model/{f}" for f in files], "max_abs_logit_diff": diff,
+        "validated_by": "transformers.AutoModelForCausalLM.from_pretrained (compressed-tensors), logits compared"}
+    return "compressed-tensors"
+
+
+def torch_randint(lm):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, int(lm.model.config.vocab_size), (1, 64), generator=g)
+
+
+def _save_hqq_pickle(lm, plan, directory, say) -> None:
+    import torch
+
+    from layerscope.compress.quant import fake_quant, hqq_layers, quantize_model_hqq, save_hqq_model
+
+    expected = {}
+    for e in plan.entries:  # what the saved layers must dequantize to
+        if e.bits != 16:
+            expected[e.name] = fake_quant(lm.model.get_submodule(e.name).weight.data, plan.assignment()[e.name])
+    say("applying the plan with HQQ (HQQLinear, float16 compute) and saving HQQ's pickle format (--export hqq-pickle)")
+    quantize_model_hqq(lm.model, plan.assignment())
+    for name, layer in hqq_layers(lm.model):
+        if not torch.equal(layer.dequantize().float(), expected[name].float()):
+            raise LayerscopeError(f"HQQ layer {name} does not reproduce the evaluated fake-quant weights")
+    save_hqq_model(lm.model, directory)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(str(directory))
+
+
+def _readme(plan, evaluations, exported, saved: str | None) -> str:
     lines = [f"# Mixed-precision plan ({plan.by})", "",
              f"Budget {plan.budget_bpw} bpw, achieved {plan.achieved_bpw:.4f} bpw counted in the {plan.fmt} format "
              f"(scales and zeros included; nominal {plan.nominal_bits:.3f} bits). Source: "
@@ -237,7 +322,12 @@ def _readme(plan, evaluations, exported, saved: bool) -> str:
     if evaluations:
         lines += ["", "| model | bpw | perplexity |", "|---|---|---|"]
         lines += [f"| {e['name']} | {e['bpw']:.4f} | {e['perplexity']:.4f} |" for e in evaluations]
-    if saved:
+    if saved == "compressed-tensors":
+        lines += ["", "## Load the quantized model (compressed-tensors pack-quantized)", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  "model = AutoModelForCausalLM.from_pretrained('model')  # needs compressed-tensors",
+                  "tokenizer = AutoTokenizer.from_pretrained('model')", "```"]
+    if saved == "hqq-pickle":
         lines += ["", "## Load the quantized model (HQQ)", "", "```python", "import torch",
                   "from hqq.models.hf.base import AutoHQQHFModel", "from transformers import AutoTokenizer", "",
                   "model = AutoHQQHFModel.from_quantized('model', compute_dtype=torch.float16, device='cpu')",

@@ -50,7 +50,7 @@ from layerscope.errors import LayerscopeError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 UNQUANTIZED = 16  # "keep this layer in float16"
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")
 FORMATS = ("hqq", "gptq", "compressed-tensors", "llamacpp")
 DEFAULT_COMPUTE_DTYPE = torch.float16
 
@@ -124,6 +124,8 @@ def check_linear(name: str, module: nn.Module, scheme: Scheme) -> None:
     """Raise a one-line LayerscopeError if HQQ cannot quantize `module` with `scheme`."""
     if not scheme.quantized:
         return
+    if scheme.method == "gptq" and isinstance(module, nn.Linear):
+        return  # GPTQ groups run along rows (compress.quant_stats.effective_scheme picks a group that divides them)
     if not isinstance(module, nn.Linear):
         raise LayerscopeError(
             f"the hqq backend cannot quantize layer '{name}' ({type(module).__name__}): it quantizes nn.Linear only"
@@ -201,6 +203,8 @@ def quantize_codes(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch
 
     'rtn': HQQ's round-to-nearest arithmetic, vectorised here; 'hqq': HQQ's optimiser itself.
     """
+    if scheme.method == "gptq":
+        raise LayerscopeError("gptq weights come from compress.gptq (they need the calibration Hessian), not fake_quant")
     p = _weight_params(scheme)
     g = scheme.group_size
     if scheme.method == "hqq":

@@ -197,6 +197,34 @@ class BlockRunner:
                 finals.append(h)
         return finals
 
+    def blockwise(self, on_block: Callable[[int], bool | None] | None = None, *,
+                  observe: Callable[[int], Any] | None = None, recompute: bool = True) -> list[torch.Tensor]:
+        """Run all batches block by block (all batches through block i, then block i+1).
+
+        `observe(i)` is a context manager entered while block i runs (hooks on its modules, e.g.
+        input statistics). Then `on_block(i)` is called; it may change block i in place and
+        returns true when it did. With `recompute` the outputs passed to block i+1 are then
+        recomputed from the changed block (GPTQ-style sequential compression), else the outputs of
+        the block as it ran are passed on. Captures the batches first if needed. Returns the
+        final hidden state of every batch. Memory: one hidden state per batch at a time.
+        """
+        from contextlib import nullcontext
+
+        if any(b.first_hidden is None for b in self.batches):
+            self.capture()
+        hs = [b.first_hidden for b in self.batches]
+        for i in range(self.parts.num_layers):
+            with torch.no_grad(), (observe(i) if observe is not None else nullcontext()):
+                outs = [self.forward_block(i, h, batch) for h, batch in zip(hs, self.batches)]
+            changed = on_block(i) if on_block is not None else False
+            if changed and recompute:
+                with torch.no_grad():
+                    outs = [self.forward_block(i, h, batch) for h, batch in zip(hs, self.batches)]
+            for o in outs:
+                self.check_finite(o, f"the output of block {i}")
+            hs = outs
+        return hs
+
     @staticmethod
     def check_finite(h: torch.Tensor, where: str) -> None:
         if not torch.isfinite(h.sum(dtype=torch.float32)):  # NaN/Inf anywhere makes the sum non-finite; float32 so

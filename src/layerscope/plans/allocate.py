@@ -40,6 +40,7 @@ from layerscope.compress.quant import (
     storage_bits,
 )
 from layerscope.errors import LayerscopeError
+from layerscope.plans.allocator import solve  # noqa: F401  (the one exact allocator; re-exported)
 from layerscope.plans.quantize import PlanEntry, QuantPlan
 
 # --------------------------------------------------------------------------- plan model
@@ -126,40 +127,6 @@ def check_budget(budget_bpw: float, cost: np.ndarray, n_params: int, options: Se
             f"budget {budget_bpw:g} bpw is above the largest option: every layer at "
             f"{max(options, key=lambda s: s.bits).label} costs {hi:.4f} bpw in the {fmt} format; nothing to allocate"
         )
-
-
-def solve(err: np.ndarray, cost: np.ndarray, capacity: float) -> tuple[list[int], float]:
-    """Exact 0/1 program: one option per row, sum of chosen costs <= capacity, least total error.
-
-    Returns (chosen option per unit, objective).
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    U, C = err.shape
-    if not np.all(np.isfinite(err)):
-        raise LayerscopeError("the error model has missing values (NaN): cannot allocate")
-    scale = float(cost.max()) or 1.0
-    a_cost = (cost / scale).ravel()
-    cap = capacity / scale
-    a_one = np.zeros((U, U * C))
-    for u in range(U):
-        a_one[u, u * C:(u + 1) * C] = 1.0
-    e_scale = float(np.abs(err).max()) or 1.0
-    for shrink in (0.0, 1e-9, 1e-7, 1e-5):
-        res = milp(
-            c=err.ravel() / e_scale,
-            constraints=[LinearConstraint(a_one, 1, 1), LinearConstraint(a_cost[None, :], -np.inf, cap * (1 - shrink))],
-            integrality=np.ones(U * C),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
-        if res.x is None:
-            raise LayerscopeError(f"no allocation meets the budget ({res.message})")
-        choice = [int(np.argmax(res.x[u * C:(u + 1) * C])) for u in range(U)]
-        used = sum(cost[u, c] for u, c in enumerate(choice))
-        if used <= capacity * (1 + 1e-12):  # HiGHS tolerances can overshoot by ~1e-9: tighten and retry
-            return choice, float(sum(err[u, c] for u, c in enumerate(choice)))
-    raise LayerscopeError("the solver could not keep the plan within the budget")
 
 
 # --------------------------------------------------------------------------- error models

@@ -37,6 +37,7 @@ from layerscope.errors import LayerscopeError
 from layerscope.plans.allocate import QuantPlan
 
 EXPORTS = ("gptqmodel", "llm-compressor", "hqq", "llamacpp")
+MODEL_EXPORTS = ("hqq-pickle",)  # the quantized model itself in HQQ's pickle-based format (explicit only)
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_DYNAMIC_KEYS = {"bits", "group_size", "sym", "desc_act", "mse", "pack_dtype"}
 
@@ -51,8 +52,8 @@ def parse_exports(text: str | Sequence[str] | None) -> list[str]:
             continue
         x = {"llm_compressor": "llm-compressor", "llmcompressor": "llm-compressor", "gptq": "gptqmodel",
              "llama.cpp": "llamacpp", "gguf": "llamacpp", "compressed-tensors": "llm-compressor"}.get(x, x)
-        if x not in EXPORTS:
-            raise LayerscopeError(f"unknown export format '{x}' (known: {', '.join(EXPORTS)})")
+        if x not in EXPORTS + MODEL_EXPORTS:
+            raise LayerscopeError(f"unknown export format '{x}' (known: {', '.join(EXPORTS + MODEL_EXPORTS)})")
         if x not in out:
             out.append(x)
     return out

@@ -26,12 +26,16 @@ def register(app: typer.Typer) -> None:
         budget: Optional[str] = typer.Option(None, "--budget", help="Average bits per weight over the blocks' linear layers, scales and zeros included."),
         bits: str = typer.Option("2,3,4,8", "--bits", help="Allowed bit widths (2, 3, 4, 8; 16 = leave unquantized)."),
         group: str = typer.Option("64", "--group", help="Group size(s), comma-separated (each bit width is offered with each)."),
-        by: str = typer.Option("quant_sensitivity", "--by", help="quant_sensitivity (measured KL), any per-block ScoreTable metric, or a baseline: uniform, llamacpp."),
+        by: str = typer.Option("measured", "--by", help="measured (every candidate's loss measured per linear layer with its own quantizer), quant_sensitivity (per-block KL), any per-block ScoreTable metric, or a baseline: uniform, llamacpp."),
         scores: Optional[Path] = typer.Option(None, "--scores", help="scores.json from `layerscope scan` holding the --by column."),
         out: Path = typer.Option(Path("layerscope-quant"), "--out", "-o", help="Output directory."),
-        export: Optional[str] = typer.Option(None, "--export", help="Also write the plan for: gptqmodel, llm-compressor, hqq, llamacpp (comma-separated)."),
+        export: Optional[str] = typer.Option(None, "--export", help="Also write the plan for: gptqmodel, llm-compressor, hqq, llamacpp (comma-separated); hqq-pickle also saves an rtn/hqq model in HQQ's pickle-based qmodel.pt."),
         granularity: str = typer.Option("block", "--granularity", help="block: one choice per block; linear: one per linear layer."),
-        method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) or hqq (HQQ's optimiser)."),
+        method: str = typer.Option("rtn", "--method", help="rtn (round to nearest), hqq (HQQ's optimiser) or gptq (error compensation; saved as compressed-tensors)."),
+        act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="gptq: quantize columns in decreasing Hessian diagonal."),
+        damp: float = typer.Option(0.01, "--damp", help="gptq: Hessian damping, a fraction of its mean diagonal."),
+        sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="gptq: recollect each block's Hessians from the already-quantized blocks before it."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the measurement checkpoint in --out (same request)."),
         fmt: str = typer.Option("hqq", "--cost-format", help="Storage format whose bits are counted: hqq, gptq, compressed-tensors, llamacpp."),
         tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens for measured sensitivities."),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity of the unquantized and the planned model."),
@@ -50,7 +54,7 @@ def register(app: typer.Typer) -> None:
         from layerscope.plans.quantize import QuantPlan
 
         request = dict(budget=budget, bits=bits, group=group, by=by, scores=scores, granularity=granularity,
-                       method=method, fmt=fmt, tokens=tokens)
+                       method=method, fmt=fmt, tokens=tokens, act_order=act_order, damp=damp)
         if plan is None and budget is None:
             raise LayerscopeError("--budget is required (or --plan FILE)")
         if dry_run:
@@ -59,15 +63,16 @@ def register(app: typer.Typer) -> None:
             typer.echo(the_plan.to_yaml(), nl=False)
             return
         common = dict(out=out, export=export, evaluate=evaluate, eval_tokens=eval_tokens, save_model=save_model,
-                      force=force, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+                      force=force, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                      resume=resume, sequential=sequential)
         if plan is not None:
-            quantize(model, plan, **common)
-        else:
-            quantize(model, **common, **request)
+            request = {}
+        result = quantize(model, plan, **common, **request)
         from layerscope.actions.export.quant import parse_exports
 
         formats = parse_exports(export)
-        typer.echo(f"wrote {out}/plan.json" + (f", {out}/model (HQQ)" if save_model else "")
+        saved = [k for k in result.exported if k in ("compressed-tensors model", "hqq-pickle")]
+        typer.echo(f"wrote {out}/plan.json" + (f", {out}/model ({saved[0]})" if saved else "")
                    + (f", {out}/export ({', '.join(formats)})" if formats else ""))
 
 

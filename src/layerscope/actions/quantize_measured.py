@@ -1,0 +1,172 @@
+"""`quantize --by measured` and `--method gptq`: calibration, measured candidate losses (checkpointed,
+resumable), the exact per-linear plan, applying it (GPTQ or fake-quant), evaluating it against the
+uniform plan at the same budget, and saving the compressed-tensors model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from layerscope.errors import LayerscopeError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def calibration_batches(tokenizer, tokens: int, seq_len: int = 512, batch_size: int = 4) -> list[dict]:
+    from layerscope.data.sources import load_texts
+    from layerscope.data.windows import tokenize_windows
+    from layerscope.engine.runner import make_batches
+
+    if tokenizer is None:
+        raise LayerscopeError("measured quantization needs the model's tokenizer for calibration text")
+    ids = tokenize_windows(tokenizer, load_texts("wikipedia", split="calibration"), n_tokens=tokens,
+                           seq_len=min(seq_len, tokens))
+    return make_batches(ids, batch_size)[0]
+
+
+def checkpoint_key(lm, options, tokens: int, seq_len: int, damp: float, act_order: bool) -> dict:
+    return {"weights_sha256": lm.weights_sha256, "model": lm.model_id, "options": [o.to_dict() for o in options],
+            "tokens": tokens, "seq_len": seq_len, "damp": damp, "act_order": act_order}
+
+
+def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float = 0.01, act_order: bool = False,
+            out: Path | None = None, force: bool = False, resume: bool = False, sources: tuple = (),
+            log: Callable[[str], None] = lambda m: None, batches=None):
+    """CandidateLosses for every (block linear, option); checkpointed in out/checkpoint when `out` is given."""
+    from layerscope.compress.quant_stats import Checkpoint, measure_candidates
+
+    ck_dir = None
+    if out is not None:
+        from layerscope.outputs import claim_output
+
+        claim_output(out, [CHECKPOINT_DIR], verb="quantize", force=force, sources=sources)
+        ck_dir = Path(out) / CHECKPOINT_DIR
+    ck = Checkpoint(ck_dir, checkpoint_key(lm, options, tokens, seq_len, damp, act_order))
+    batches = batches if batches is not None else calibration_batches(lm.tokenizer, tokens, seq_len)
+    log(f"measuring {len(options)} candidates per linear layer on {tokens} calibration tokens"
+        + (" (resuming the checkpoint)" if resume else ""))
+    res = measure_candidates(parts, batches, options, damp=damp, act_order=act_order, checkpoint=ck,
+                             resume=resume, log=log)
+    if res.resumed_blocks:
+        log(f"resumed: blocks {res.resumed_blocks} taken from the checkpoint")
+    return res, batches
+
+
+def plan_measured(lm, parts, *, budget: float, options, by: str, fmt: str, tokens: int, seq_len: int = 512,
+                  damp: float = 0.01, act_order: bool = False, out=None, force=False, resume=False, sources=(),
+                  log=lambda m: None):
+    """(plan, state) for --by measured | uniform with any method (gptq included)."""
+    from layerscope.plans.allocate import model_layers
+    from layerscope.plans.quant_measured import exact_plan, uniform_plan
+
+    layers = model_layers(parts)
+    common = dict(fmt=fmt, num_layers=parts.num_layers, blocks_path=parts.blocks_path, method=options[0].method)
+    state: dict = {"layers": layers, "options": options, "damp": damp, "act_order": act_order,
+                   "tokens": tokens, "seq_len": seq_len}
+    if by == "uniform":
+        return uniform_plan(layers, options, budget, **common), state
+    if by != "measured":
+        raise LayerscopeError(f"--method {options[0].method} allocates with --by measured or uniform, not '{by}'")
+    losses, batches = measure(lm, parts, options, tokens=tokens, seq_len=seq_len, damp=damp, act_order=act_order,
+                              out=out, force=force, resume=resume, sources=sources, log=log)
+    state.update(losses=losses, batches=batches)
+    plan = exact_plan(layers, losses, budget, **common)
+    state["uniform"] = uniform_plan(layers, options, budget, losses=losses, **common)
+    return plan, state
+
+
+@torch.no_grad()
+def planned_weights(lm, parts, plan, state: dict, *, sequential: bool = False, log=lambda m: None):
+    """({name: dequantized weight}, {name: QuantizedWeight} for GPTQ layers) of `plan`; the model is left as it was."""
+    from layerscope.compress.quant_stats import apply_gptq
+
+    modules = dict(parts.model.named_modules())
+    original = {e.name: modules[e.name].weight.data for e in plan.entries}
+    assignment = plan.assignment()
+    losses = state.get("losses")
+    hessians = losses.hessians if losses is not None and not sequential else None
+    batches = state.get("batches")
+    if plan.method == "gptq" and hessians is None and batches is None:
+        batches = calibration_batches(lm.tokenizer, state["tokens"], state["seq_len"])
+        state["batches"] = batches
+    try:
+        if plan.method == "gptq" and hessians is None and not sequential:
+            hessians = {}  # one statistics pass, kept for the next plan
+
+            def keep(i, _b, stats):
+                for lin, st in stats.items():
+                    hessians[f"{parts.blocks_path}.{i}.{lin}"] = st.hessian(state["damp"])
+
+            from layerscope.engine.moments import linear_moments
+
+            linear_moments(parts, batches, on_block=keep, sequential=False)
+            from layerscope.compress.quant_stats import CandidateLosses
+
+            state["losses"] = losses or CandidateLosses(options=list(state["options"]))
+            state["losses"].hessians = hessians
+        qweights = apply_gptq(parts, assignment, hessians=hessians, batches=batches, damp=state["damp"],
+                              act_order=state["act_order"], sequential=sequential, log=log)
+        weights = {n: modules[n].weight.data for n in original}
+    finally:
+        for n, w in original.items():
+            modules[n].weight.data = w
+    return weights, qweights
+
+
+@torch.no_grad()
+def perplexity_with(model, ids, protocol, weights: dict | None) -> float:
+    from layerscope.evaluation.perplexity import perplexity
+
+    modules = dict(model.named_modules())
+    original = {n: modules[n].weight.data for n in (weights or {})}
+    try:
+        for n, w in (weights or {}).items():
+            modules[n].weight.data = w
+        return perplexity(model, ids=ids, protocol=protocol).perplexity
+    finally:
+        for n, w in original.items():
+            modules[n].weight.data = w
+
+
+def evaluate_against_uniform(lm, parts, plan, state, *, eval_tokens: int, sequential: bool, say) -> dict:
+    """Held-out perplexity of the unquantized model, the plan and the uniform plan at the same budget;
+    predicted vs measured change of mean NLL; which plan ships."""
+    from layerscope.evaluation.perplexity import PerplexityProtocol, token_stream
+
+    proto = PerplexityProtocol(max_tokens=eval_tokens)
+    ids = token_stream(lm.tokenizer, proto)
+    say(f"evaluating held-out perplexity ({proto.describe()})")
+    base = perplexity_with(lm.model, ids, proto, None)
+    rows = [{"name": "unquantized", "bpw": 32.0, "perplexity": base}]
+    candidates = [("plan", plan)]
+    if plan.strategy == "milp" and state.get("uniform") is not None:
+        candidates.append(("uniform", state["uniform"]))
+    best, best_ppl, weights_of = None, math.inf, {}
+    for tag, p in candidates:
+        w, qw = planned_weights(lm, parts, p, state, sequential=sequential, log=say)
+        ppl = perplexity_with(lm.model, ids, proto, w)
+        measured = math.log(ppl) - math.log(base)
+        rows.append({"name": f"{tag} ({p.by})", "bpw": p.achieved_bpw, "perplexity": ppl,
+                     "predicted_dnll": p.objective, "measured_dnll": measured})
+        pred = f"predicted ΔNLL {p.objective:.4g}, " if p.objective is not None else ""
+        say(f"{tag} {p.by}: {p.achieved_bpw:.4f} bpw, perplexity {ppl:.4f} ({ppl / base - 1:+.2%}); "
+            f"{pred}measured ΔNLL {measured:.4g} nats/token")
+        weights_of[tag] = (w, qw)
+        if ppl < best_ppl:
+            best, best_ppl = tag, ppl
+    shipped = plan
+    if best == "uniform":
+        shipped = state["uniform"]
+        note = (f"the exact plan measured worse than the uniform plan at the same budget "
+                f"({rows[1]['perplexity']:.4f} vs {rows[2]['perplexity']:.4f}): shipping the uniform plan")
+        say(note)
+        shipped.notes.append(note)
+        shipped.provenance = dict(plan.provenance, shipped="uniform (measured better than the exact plan)")
+    else:
+        shipped.provenance["shipped"] = "exact plan" if len(candidates) > 1 else "plan"
+    shipped.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
+                                        "rows": rows[1:], "path": "dequantized weights, fp32 compute"}
+    return {"rows": rows, "plan": shipped, "weights": weights_of["uniform" if best == "uniform" else "plan"],
+            "ids": ids}

@@ -1,0 +1,386 @@
+"""GPTQ (own implementation) against an unblocked OBQ reference; measured allocation; compressed-tensors
+export reloaded by plain transformers; quantize checkpoint and --resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerscope.compress import gptq as G
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _layer(out=24, inn=64, tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inn, generator=g, dtype=torch.float64)
+    mix = torch.randn(inn, inn, generator=g, dtype=torch.float64) / inn ** 0.5 + torch.eye(inn, dtype=torch.float64)
+    X = torch.randn(tokens, inn, generator=g, dtype=torch.float64) @ mix  # correlated inputs
+    X[:, 3] = 0.0  # a dead input column
+    H = 2 * X.T @ X / tokens
+    H += 0.01 * torch.diagonal(H).mean() * torch.eye(inn, dtype=torch.float64)
+    return W, X, H
+
+
+def obq_reference(W, H, bits, group, order=None, static_scale=None):
+    """Straightforward OBQ/GPTQ: quantize one column at a time in `order`, spread the error with the
+    explicit inverse Hessian of the remaining columns, then drop the column from the inverse."""
+    W, H = W.clone(), H.clone()
+    n = W.shape[1]
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = list(range(n)) if order is None else list(order)
+    Hinv = torch.linalg.inv(H[order][:, order])
+    Wp = W[:, order]
+    Q = torch.zeros_like(Wp)
+    scale = {}
+    lo, hi = G.qrange(bits)
+    for i in range(n):
+        col = order[i]
+        k = col // group
+        if static_scale is not None:
+            s = static_scale[:, k]
+        else:
+            if col % group == 0:
+                scale[k] = G.group_scale(Wp[:, i:i + group], bits)
+            s = scale[k]
+        q = torch.clamp(torch.round(Wp[:, i] / s), lo, hi) * s
+        Q[:, i] = q
+        err = (Wp[:, i] - q) / Hinv[i, i]
+        Wp[:, i + 1:] -= err[:, None] * Hinv[i, i + 1:][None, :]
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]  # Hinv of the remaining columns
+    out = torch.zeros_like(Q)
+    out[:, order] = Q
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(3, 16), (4, 32), (2, 64)])
+def test_gptq_blocked_cholesky_equals_unblocked_obq_reference(bits, group):
+    W, _, H = _layer()
+    ref = obq_reference(W, H, bits, group)
+    got = G.gptq_quantize(W, H, bits, group, block_size=32, dtype=torch.float64)
+    assert torch.allclose(got.weight.double(), ref, atol=1e-6)
+    # codes x per-group scales reproduce the weight
+    rec = got.codes.double().reshape(W.shape[0], -1, group) * got.scale.double()[..., None]
+    assert torch.allclose(rec.reshape(W.shape), got.weight.double(), atol=1e-6)
+
+
+def test_gptq_act_order_equals_reference_in_diag_order():
+    W, _, H = _layer(seed=1)
+    static = torch.stack([G.group_scale(W[:, k * 16:(k + 1) * 16], 4) for k in range(4)], 1)
+    order = torch.argsort(torch.diagonal(H), descending=True).tolist()
+    ref = obq_reference(W, H, 4, 16, order=order, static_scale=static)
+    got = G.gptq_quantize(W, H, 4, 16, act_order=True, block_size=16, dtype=torch.float64)
+    assert torch.allclose(got.weight.double(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_not_above_rtn(bits, act_order):
+    W, X, H = _layer(seed=bits)
+    W, X, H = W.float(), X.float(), H.float()
+    gq = G.gptq_quantize(W, H, bits, 16, act_order=act_order)
+    rq = G.rtn_sym(W, bits, 16)
+    e_g = float(((W - gq.weight) @ X.T).norm())
+    e_r = float(((W - rq.weight) @ X.T).norm())
+    assert e_g < e_r
+
+
+def test_gptq_rejects_group_that_does_not_divide_rows():
+    from layerscope.errors import LayerscopeError
+
+    W, _, H = _layer(inn=48)
+    with pytest.raises(LayerscopeError, match="not a multiple"):
+        G.gptq_quantize(W, H[:48, :48], 4, 32)
+
+
+# --------------------------------------------------------------------------- on a tiny model
+def _tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from layerscope.model.adapter import find_parts
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = LlamaForCausalLM(cfg).eval()
+    return m, find_parts(m)
+
+
+def _batches():
+    from layerscope.engine.runner import make_batches
+
+    g = torch.Generator().manual_seed(1)
+    return make_batches(torch.randint(0, 96, (8, 32), generator=g), 4)[0]
+
+
+OPTIONS = None
+
+
+def _options(method="gptq"):
+    from layerscope.plans.allocate import parse_options
+
+    return parse_options([2, 4, 8], [32, 128], method)
+
+
+def test_measured_losses_match_direct_computation_and_gptq_beats_rtn_per_layer():
+    from layerscope.compress.quant_stats import measure_candidates, output_fisher
+
+    m, parts = _tiny()
+    batches = _batches()
+    res = measure_candidates(parts, batches, _options("gptq"))
+    rtn = measure_candidates(parts, batches, _options("rtn"))
+    fisher, _ = output_fisher(parts, batches)
+    # independent check of one entry: hooks on the plain model give X, quantize with GPTQ, ½ Σ_j F_j ‖(E X)_j‖²/n
+    name = f"{parts.blocks_path}.1.mlp.down_proj"
+    mod = m.get_submodule(name)
+    xs = []
+    h = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for b in batches:
+            m(**b)
+    h.remove()
+    X = torch.cat(xs)
+    H = 2 * X.T @ X / X.shape[0]
+    H += 0.01 * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    k = res.options.index(next(o for o in res.options if o.bits == 4 and o.group_size == 32))
+    qw = G.gptq_quantize(mod.weight.data, H.float(), 4, 32)
+    E = (qw.weight.double() - mod.weight.data.double())
+    direct = 0.5 * float((fisher[name].double() * ((E @ X.T) ** 2).sum(1)).sum()) / X.shape[0]
+    assert res.losses[name][k] == pytest.approx(direct, rel=1e-3)
+    # GPTQ's loss estimate is below RTN's for every layer at 2 and 4 bits (its objective is ‖E X‖²)
+    for n in res.losses:
+        for c, o in enumerate(res.options):
+            if o.bits in (2, 4):
+                assert res.losses[n][c] < rtn.losses[n][c] * 1.05, (n, o)
+    # more bits never predicts more loss
+    for n, row in res.losses.items():
+        by = {o: v for o, v in zip(res.options, row)}
+        assert by[type(o)(8, 32, "gptq")] <= by[type(o)(4, 32, "gptq")] <= by[type(o)(2, 32, "gptq")]
+
+
+def test_exact_plan_within_budget_and_not_worse_than_uniform_on_its_loss_model():
+    from layerscope.compress.quant_stats import measure_candidates
+    from layerscope.plans.allocate import model_layers
+    from layerscope.plans.quant_measured import exact_plan, uniform_plan
+
+    m, parts = _tiny()
+    res = measure_candidates(parts, _batches(), _options("gptq"))
+    layers = model_layers(parts)
+    kw = dict(fmt="hqq", num_layers=3, blocks_path=parts.blocks_path, method="gptq")
+    for budget in (3.0, 4.5, 5.0):
+        p = exact_plan(layers, res, budget, **kw)
+        u = uniform_plan(layers, res.options, budget, losses=res, **kw)
+        assert p.achieved_bpw <= budget + 1e-9 and u.achieved_bpw <= budget + 1e-9
+        assert p.objective <= u.objective + 1e-12
+        # group 128 on 64-wide rows is realised as group 64 (GPTQ groups run along a row)
+        assert all(e.shape[1] % e.group_size == 0 for e in p.entries)
+
+
+def test_compressed_tensors_model_reloads_with_transformers_and_matches(tmp_path):
+    from layerscope.actions.export.compressed import save_compressed, validate_reload
+    from layerscope.compress.quant_stats import apply_gptq, measure_candidates
+    from layerscope.plans.allocate import model_layers
+    from layerscope.plans.quant_measured import exact_plan
+
+    m, parts = _tiny()
+    res = measure_candidates(parts, _batches(), _options("gptq"))
+    plan = exact_plan(model_layers(parts), res, 4.0, fmt="hqq", num_layers=3, blocks_path=parts.blocks_path,
+                      method="gptq")
+    assert len({(e.bits, e.group_size) for e in plan.entries}) > 1  # a real mix
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    qweights = apply_gptq(parts, plan.assignment(), hessians=res.hessians)
+    for n, qw in qweights.items():
+        assert torch.equal(m.get_submodule(n).weight.data, qw.weight)
+    files = save_compressed(m, qweights, tmp_path / "model")
+    assert "model.safetensors" in files and not list(tmp_path.glob("**/*.pt"))
+    cfg = __import__("json").loads((tmp_path / "model" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    assert validate_reload(tmp_path / "model", m, ids) < 1e-4
+    # the saved model is the quantized one, not the original
+    m.load_state_dict(before)
+    assert validate_reload(tmp_path / "model", m, ids) > 1e-3
+
+
+def test_interrupted_measurement_resumes_to_identical_numbers(tmp_path):
+    from layerscope.compress.quant_stats import Checkpoint, measure_candidates
+
+    m, parts = _tiny()
+    batches, opts = _batches(), _options("gptq")
+    full = measure_candidates(parts, batches, opts)
+
+    def stop(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    ck = Checkpoint(tmp_path / "checkpoint", {"k": 1})
+    with pytest.raises(KeyboardInterrupt):
+        measure_candidates(parts, batches, opts, checkpoint=ck, after_block=stop)
+    saved = __import__("json").loads((tmp_path / "checkpoint" / "candidate_losses.json").read_text())
+    assert sorted(saved["blocks"]) == ["0", "1"]
+    resumed = measure_candidates(parts, batches, opts, checkpoint=Checkpoint(tmp_path / "checkpoint", {"k": 1}),
+                                 resume=True)
+    assert resumed.resumed_blocks == [0, 1]
+    assert resumed.losses == full.losses
+    from layerscope.errors import LayerscopeError
+
+    with pytest.raises(LayerscopeError, match="another request"):
+        measure_candidates(parts, batches, opts, checkpoint=Checkpoint(tmp_path / "checkpoint", {"k": 2}), resume=True)
+
+
+# --------------------------------------------------------------------------- the CLI
+WORDS = ("the of and in to a is was for on as with by he at from his an were are which this also be has or "
+         "had first one their its new after but who not they have her she two been other when there all during "
+         "into school time may years more most only over city some world would where later up such used many").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                               eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run_cli(args, capsys):
+    import sys
+
+    from layerscope.cli import app as cli
+
+    old = sys.argv
+    sys.argv = ["layerscope", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+            raise SystemExit(0)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+GPTQ_ARGS = ["--budget", "4.5", "--bits", "2,4,8", "--group", "32,64", "--method", "gptq", "--tokens", "512",
+             "--eval-tokens", "512", "-q"]
+
+
+def test_cli_gptq_saves_compressed_tensors_model_that_transformers_loads(tiny_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--export", "llm-compressor"],
+                            capsys)
+    assert code == 0, err
+    res = json.loads((out / "quantize.json").read_text())
+    rows = res["evaluations"]
+    assert rows[0]["name"] == "unquantized" and {"plan (measured)", "uniform (uniform 4b/g64)"} <= {r["name"] for r in rows}
+    assert all(r["predicted_dnll"] is not None and r["measured_dnll"] is not None for r in rows[1:])
+    assert res["plan"]["provenance"]["shipped"] in ("exact plan", "uniform (measured better than the exact plan)")
+    saved = res["exported"]["compressed-tensors model"]
+    assert saved["max_abs_logit_diff"] < 1e-4
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert not list(out.glob("**/*.pt")) and not list(out.glob("**/*.pkl"))
+    AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers loads it
+
+
+def test_ctrl_c_leaves_no_output_and_cli_resume_gives_the_same_numbers(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the measurement: it propagates (the CLI turns it into exit 130 with
+    one line, cli/app.py), nothing partial is left looking complete, the measured blocks are in the
+    checkpoint; `--resume` then gives exactly the numbers of an uninterrupted run."""
+    import json
+
+    from layerscope.actions.quantize import quantize
+    from layerscope.compress import quant_stats
+
+    ref = tmp_path / "ref"
+    assert run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(ref)], capsys)[0] == 0
+    orig = quant_stats.Checkpoint.save_block
+
+    def interrupting(self, block, losses):
+        orig(self, block, losses)
+        if block == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(quant_stats.Checkpoint, "save_block", interrupting)
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(tiny_dir), out=out, budget="4.5", bits="2,4,8", group="32,64", method="gptq", tokens=512,
+                 eval_tokens=512)
+    monkeypatch.setattr(quant_stats.Checkpoint, "save_block", orig)
+    assert not (out / "quantize.json").exists() and not (out / "model").exists()
+    blocks = json.loads((out / "checkpoint" / "candidate_losses.json").read_text())["blocks"]
+    assert sorted(blocks) == ["0", "1"]
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    a, b = (json.loads((d / "quantize.json").read_text()) for d in (ref, out))
+    assert a["plan"]["entries"] == b["plan"]["entries"]
+    assert [r["perplexity"] for r in a["evaluations"]] == [r["perplexity"] for r in b["evaluations"]]
+    ca, cb = (json.loads((d / "checkpoint" / "candidate_losses.json").read_text())["blocks"] for d in (ref, out))
+    assert ca == cb
+    # a different request does not resume someone else's checkpoint
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS[:-1], "--damp", "0.1", "-q", "--out", str(out),
+                             "--resume"], capsys)
+    assert code != 0 and "another request" in err
+
+
+def test_sequential_gptq_sees_the_quantized_prefix():
+    """sequential=True: block 0 gets the same Hessians (same inputs) as the one-pass statistics, later blocks
+    are quantized with Hessians from the already-quantized blocks, so their weights differ."""
+    from layerscope.compress.quant_stats import apply_gptq, measure_candidates
+    from layerscope.compress.quant import Scheme
+
+    m, parts = _tiny()
+    batches = _batches()
+    res = measure_candidates(parts, batches, _options("gptq")[:1])
+    a = {n: Scheme(3, 32, "gptq") for n in res.losses}
+    state = {n: p.clone() for n, p in m.state_dict().items()}
+    one = {n: q.weight.clone() for n, q in apply_gptq(parts, a, hessians=res.hessians).items()}
+    m.load_state_dict(state)
+    seq = {n: q.weight for n, q in apply_gptq(parts, a, batches=batches, sequential=True).items()}
+    for n in a:
+        same = torch.allclose(one[n], seq[n], atol=1e-6)
+        assert same == (".0." in n), n
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_model_reloads_with_transformers(tmp_path, capsys):
+    import json
+
+    from layerscope.data.assets import is_ready
+
+    if not (is_ready("smollm2") and is_ready("wikipedia")):
+        pytest.skip("SmolLM2/Wikipedia assets not prepared")
+    out = tmp_path / "q"
+    code, so, err = run_cli(["quantize", "--budget", "4.5", "--bits", "4", "--group", "64", "--method", "gptq",
+                             "--by", "uniform", "--tokens", "1024", "--eval-tokens", "1024", "--out", str(out), "-q"],
+                            capsys)
+    assert code == 0, err
+    res = json.loads((out / "quantize.json").read_text())
+    base, plan = res["evaluations"][0]["perplexity"], res["evaluations"][1]["perplexity"]
+    assert plan < base * 1.25  # GPTQ 4-bit g64 stays near the baseline
+    assert res["exported"]["compressed-tensors model"]["max_abs_logit_diff"] < 1e-3
+    cfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == 1
