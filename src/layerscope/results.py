@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "layerscope.prune": "layerscope.actions.prune:PruneResult",
     "layerscope.quantize": "layerscope.actions.quantize:QuantizeResult",
     "layerscope.sparsify": "layerscope.actions.sparsify:SparsifyResult",
+    "layerscope.lowrank": "layerscope.actions.lowrank:LowrankResult",
 }
 __doc__ += "".join(f"\n* ``{k}`` -- `{v.replace(':', '.')}`" for k, v in KINDS.items()) + "\n"
 

@@ -88,7 +88,7 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, log=lambda m: None)
             W = st.module.weight.data
             f = factorize(W, method, st.xtx, damp)
             curves[f"{parts.blocks_path}.{i}.{n}"] = [
-                relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx) for k in keeps]
+                0.0 if k >= 1 else relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx) for k in keeps]
         log(f"  block {i}: measured {len(stats)} layers at keep {list(keeps)}")
 
     linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)

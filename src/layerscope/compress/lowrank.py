@@ -80,7 +80,10 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch
     x = xtx.double()
     d = W - approx.double()
     den = float(((W @ x) * W).sum())
-    return float(((d @ x) * d).sum()) / den if den > 0 else float("nan")
+    num = max(float(((d @ x) * d).sum()), 0.0)
+    if den <= 0:  # the layer's outputs are zero on the calibration inputs: only a change there is an error
+        return 0.0 if num <= 1e-12 else float("inf")
+    return num / den
 
 
 def rank_for_keep(shape: tuple[int, int], keep: float) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from layerscope.errors import LayerscopeError
 
 LOWRANK_JSON = "layerscope_lowrank.json"
+_BUFFER_PREFIX = "layerscope_buffer."  # non-persistent buffers, stored so the meta-device build can be completed
 
 
 def factorized_pair(linear: nn.Linear, rank: int) -> nn.Sequential:
@@ -44,6 +45,9 @@ def _state_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         seen[ptr] = k
         out[k] = v.detach().cpu().contiguous()
+    for k, v in model.named_buffers():
+        if k not in out and v.data_ptr() not in seen:
+            out[_BUFFER_PREFIX + k] = v.detach().cpu().contiguous()
     return out
 
 
@@ -127,6 +131,7 @@ def load_factorized(path: str | os.PathLike, record: dict, *, dtype=None, device
     if dtype is not None:
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
+    buffers = {k: state.pop(k) for k in [k for k in state if k.startswith(_BUFFER_PREFIX)]}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise LayerscopeError(f"{path}: tensors not in the architecture: {unexpected[:3]}")
@@ -134,22 +139,12 @@ def load_factorized(path: str | os.PathLike, record: dict, *, dtype=None, device
     still = [n for n, p in model.named_parameters() if p.is_meta]
     if still:
         raise LayerscopeError(f"{path}: parameters missing from model.safetensors: {still[:3]}")
-    _rebuild_meta_buffers(model, device or "cpu")
+    for key, value in buffers.items():  # non-persistent buffers (rotary inv_freq, embedding scales)
+        mod_name, _, bname = key[len(_BUFFER_PREFIX):].rpartition(".")
+        model.get_submodule(mod_name)._buffers[bname] = value
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise LayerscopeError(f"{path}: buffers not restored: {left[:3]}")
     model.layerscope_lowrank = record
     return model.eval()
 
-
-def _rebuild_meta_buffers(model: nn.Module, device: str) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild their modules on `device`."""
-    for name, m in list(model.named_modules()):
-        if not any(b.is_meta for b in m.buffers(recurse=False)):
-            continue
-        cfg = getattr(m, "config", None)
-        if cfg is None:
-            raise LayerscopeError(f"buffer of {name} was not restored (architecture not supported)")
-        with torch.device(device):
-            new = type(m)(config=cfg)
-        _set(model, name, new)
-    left = [n for n, b in model.named_buffers() if b.is_meta]
-    if left:
-        raise LayerscopeError(f"buffers not restored: {left[:3]}")
