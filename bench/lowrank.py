@@ -85,8 +85,11 @@ def main() -> None:
                 f = factorize(W, method, st.xtx)
                 f.U, f.S, f.Vh = f.U.float(), f.S.float(), f.Vh.float()
                 facts[(method, name)] = f
-                curves[method][name] = [0.0 if k >= 1 else relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx)
-                                        for k in keeps]
+                if method == "whitened":  # exact from the singular values (SVD-LLM), no extra products
+                    curves[method][name] = [0.0 if k >= 1 else f.tail_loss(_rank(W.shape, k)) for k in keeps]
+                elif args.svd_exact:
+                    curves[method][name] = [0.0 if k >= 1 else relative_output_error(W, f.weight(_rank(W.shape, k)),
+                                                                                    st.xtx) for k in keeps]
         log(f"  block {i} ({time.time() - t0:.0f} s)")
 
     linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)
@@ -115,11 +118,11 @@ def main() -> None:
     for R in (float(x) for x in args.reductions.split(",")):
         for method, alloc in ROWS + ((("svd", "exact"),) if args.svd_exact else ()):
             t = time.time()
-            u = units(method)
+            u = units(method) if curves[method] else None
             if alloc == "uniform":
                 ranks = {nm: _rank(sh, 1 - R) for nm, _, _, sh in layers}
                 pred = None
-                if round(1 - R, 4) in keeps:
+                if round(1 - R, 4) in keeps and curves[method]:
                     pred = evaluate_choice(u, [round(1 - R, 4)] * len(u)).predicted_loss
             else:
                 a = allocate_exact(u, (1 - R) * total)

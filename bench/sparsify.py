@@ -5,7 +5,7 @@ SparseGPT-exact with --sparsegpt-exact). Every row reads ONE non-sequential stat
 dense model (XᵀX of every linear on the calibration windows; one-shot pruning from dense inputs, so the
 rows differ only in pruner and allocation — the CLI's default is the sequential pass). OWL: λ = 0.08,
 M = 5. Exact: the exact allocator over each block's measured loss curve (relative block-output error
-of the block pruned alone, on the first calibration batch), grid 0.30..0.90 step 0.05 for Wanda.
+of the block pruned alone, on the first calibration batch), grid 0.40..0.85 step 0.05 for Wanda (measured on --tap-seqs calibration windows).
 "predicted" is the loss model's total for the plan next to the measured perplexity.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python bench/sparsify.py --calib 32x128 --eval-tokens 4096
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--targets", default="0.5,0.6,0.7")
     ap.add_argument("--sparsegpt-exact", action="store_true")
     ap.add_argument("--skip-nm", action="store_true")
+    ap.add_argument("--only-nm", action="store_true")
+    ap.add_argument("--tap-seqs", type=int, default=4, help="windows per batch; the first batch measures the curves")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -54,7 +56,7 @@ def main() -> None:
     proto = PerplexityProtocol(max_tokens=args.eval_tokens)
     eval_ids = token_stream(lm.tokenizer, proto)
     targets = [float(x) for x in args.targets.split(",")]
-    wgrid = [round(0.3 + 0.05 * k, 2) for k in range(13)]
+    wgrid = [round(0.4 + 0.05 * k, 2) for k in range(10)]  # 0.40 .. 0.85
     sgrid = [0.4, 0.5, 0.6, 0.7, 0.8]
     log(f"# {lm.model_id}: {L} blocks, calibration {n_seq}x{seq_len} = {ids.numel()} tokens (wikipedia calibration "
         f"split), eval {proto.describe()}")
@@ -62,7 +64,7 @@ def main() -> None:
     stats_all: list[dict] = []
     lod: list[float] = []
     curves = {"wanda": [], "sparsegpt": []}
-    tap = BlockTap(parts.blocks, 1)
+    tap = BlockTap(parts.blocks, 1)  # the first batch (--tap-seqs windows)
     t0 = time.time()
 
     def on_block(i, block, stats):
@@ -83,7 +85,8 @@ def main() -> None:
         log(f"  stats block {i} ({time.time() - t0:.0f} s)")
 
     with tap.attached():
-        linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)
+        linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only,
+                       batch_size=args.tap_seqs)
     log(f"statistics pass + loss curves: {time.time() - t0:.0f} s")
 
     dense = {f"{i}.{n}": st.module.weight.data.clone() for i, s in enumerate(stats_all) for n, st in s.items()}
@@ -117,7 +120,7 @@ def main() -> None:
         pr = f"{predicted:.3f}" if predicted is not None else "-"
         log(f"| {S:.2f} | {pattern} | {method} | {alloc} | {ach:.4f} | {pr} | {p:.3f} | {sec:.0f} |")
 
-    for S in targets:
+    for S in ([] if args.only_nm else targets):
         owl = spread_levels(lod, S, 0.08, block_params=bp)
         wu = units_for("wanda", wgrid)
         pred = lambda method, grid, lv: (evaluate_choice(units_for(method, grid), lv).predicted_loss

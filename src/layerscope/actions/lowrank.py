@@ -87,8 +87,9 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, log=lambda m: None)
         for n, st in stats.items():
             W = st.module.weight.data
             f = factorize(W, method, st.xtx, damp)
-            curves[f"{parts.blocks_path}.{i}.{n}"] = [
-                0.0 if k >= 1 else relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx) for k in keeps]
+            curves[f"{parts.blocks_path}.{i}.{n}"] = [  # whitened: exact from the singular values (SVD-LLM)
+                0.0 if k >= 1 else (f.tail_loss(_rank(W.shape, k)) if method == "whitened" else
+                                    relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx)) for k in keeps]
         log(f"  block {i}: measured {len(stats)} layers at keep {list(keeps)}")
 
     linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)

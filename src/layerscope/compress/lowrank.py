@@ -38,6 +38,13 @@ class Factorization:
         root = self.S[:r].sqrt()
         return root[:, None] * self.Vh[:r], self.U[:, :r] * root[None, :]
 
+    def tail_loss(self, rank: int) -> float:
+        """Σ_{i>r} σ_i² / Σ σ_i²: for the whitened SVD this is ‖(W − Ŵ_r)X‖² / ‖WX‖² on the (damped)
+        calibration statistics (SVD-LLM's truncation loss), without forming Ŵ_r."""
+        s2 = self.S.double() ** 2
+        tot = float(s2.sum())
+        return float(s2[int(rank):].sum()) / tot if tot > 0 else 0.0
+
     def weight(self, rank: int) -> torch.Tensor:
         a, b = self.factors(rank)
         return b @ a
