@@ -19,6 +19,8 @@ import time
 
 import torch
 
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--skip-nm", action="store_true")
     ap.add_argument("--only-nm", action="store_true")
     ap.add_argument("--tap-seqs", type=int, default=4, help="windows per batch; the first batch measures the curves")
+    ap.add_argument("--workers", type=int, default=4, help="forked processes evaluating rows")
+    ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -103,44 +107,45 @@ def main() -> None:
         return p, time.time() - t
 
     rows = []
-    base, _ = ppl_with("magnitude", "unstructured", [0.0] * L)
-    log(f"dense perplexity {base:.3f}")
-    rows.append({"target": 0.0, "pattern": "dense", "method": "dense", "allocation": "-", "ppl": base})
     log("\n| sparsity | pattern | method | allocation | achieved | predicted loss | perplexity | s |")
     log("|---|---|---|---|---|---|---|---|")
 
     def units_for(method, grid):
         return [UnitOptions(f"b{i}", grid, [bp[i] * (1 - s) for s in grid], curves[method][i]) for i in range(L)]
 
-    def emit(S, pattern, method, alloc, levels, predicted):
-        p, sec = ppl_with(method, pattern, levels)
-        ach = sum(l * n for l, n in zip(levels, bp)) / sum(bp)
-        rows.append({"target": S, "pattern": pattern, "method": method, "allocation": alloc, "levels": levels,
-                     "achieved": ach, "predicted": predicted, "ppl": p})
-        pr = f"{predicted:.3f}" if predicted is not None else "-"
-        log(f"| {S:.2f} | {pattern} | {method} | {alloc} | {ach:.4f} | {pr} | {p:.3f} | {sec:.0f} |")
+    def pred(method, grid, lv):
+        return (evaluate_choice(units_for(method, grid), lv).predicted_loss
+                if curves[method] and all(l in grid for l in lv) else None)
 
+    specs = []
     for S in ([] if args.only_nm else targets):
-        owl = spread_levels(lod, S, 0.08, block_params=bp)
-        wu = units_for("wanda", wgrid)
-        pred = lambda method, grid, lv: (evaluate_choice(units_for(method, grid), lv).predicted_loss
-                                         if all(l in grid for l in lv) else None)
-        emit(S, "unstructured", "magnitude", "uniform", [S] * L, None)
-        emit(S, "unstructured", "wanda", "uniform", [S] * L, pred("wanda", wgrid, [S] * L))
-        owl_r = [round(x, 6) for x in owl]
-        emit(S, "unstructured", "wanda", "owl", owl_r, None)
-        ex = allocate_exact(wu, (1 - S) * sum(bp) * (1 + 1e-9))
-        emit(S, "unstructured", "wanda", "exact", [float(x) for x in ex.chosen], ex.predicted_loss)
-        emit(S, "unstructured", "sparsegpt", "uniform", [S] * L,
-             pred("sparsegpt", sgrid, [S] * L) if args.sparsegpt_exact else None)
-        emit(S, "unstructured", "sparsegpt", "owl", owl_r, None)
+        owl_r = [round(x, 6) for x in spread_levels(lod, S, 0.08, block_params=bp)]
+        ex = allocate_exact(units_for("wanda", wgrid), (1 - S) * sum(bp) * (1 + 1e-9))
+        specs += [(S, "unstructured", "wanda", "uniform", [S] * L, pred("wanda", wgrid, [S] * L)),
+                  (S, "unstructured", "wanda", "owl", owl_r, pred("wanda", wgrid, owl_r)),
+                  (S, "unstructured", "wanda", "exact", [float(x) for x in ex.chosen], ex.predicted_loss),
+                  (S, "unstructured", "sparsegpt", "uniform", [S] * L, None),
+                  (S, "unstructured", "sparsegpt", "owl", owl_r, None),
+                  (S, "unstructured", "magnitude", "uniform", [S] * L, None)]
         if args.sparsegpt_exact and S in sgrid:
             ex = allocate_exact(units_for("sparsegpt", sgrid), (1 - S) * sum(bp) * (1 + 1e-9))
-            emit(S, "unstructured", "sparsegpt", "exact", [float(x) for x in ex.chosen], ex.predicted_loss)
-        log(f"  OWL levels at {S}: " + " ".join(f"{x:.3f}" for x in owl))
+            specs.append((S, "unstructured", "sparsegpt", "exact", [float(x) for x in ex.chosen], ex.predicted_loss))
+        log(f"  OWL levels at {S}: " + " ".join(f"{x:.3f}" for x in owl_r))
     if not args.skip_nm:
-        for method in ("magnitude", "wanda", "sparsegpt"):
-            emit(0.5, "2:4", method, "uniform", [0.5] * L, None)
+        specs += [(0.5, "2:4", m, "uniform", [0.5] * L, None) for m in ("wanda", "sparsegpt", "magnitude")]
+    if not args.no_dense:
+        specs.insert(0, (0.0, "dense", "magnitude", "-", [0.0] * L, None))
+
+    from _pool import run_rows
+
+    for spec, (p, sec) in run_rows(lambda sp: ppl_with(sp[2], "unstructured" if sp[1] == "dense" else sp[1], sp[4]),
+                                   specs, args.workers):
+        S, pattern, method, alloc, levels, predicted = spec
+        ach = sum(l * n for l, n in zip(levels, bp)) / sum(bp)
+        rows.append({"target": S, "pattern": pattern, "method": method if pattern != "dense" else "dense",
+                     "allocation": alloc, "levels": levels, "achieved": ach, "predicted": predicted, "ppl": p})
+        pr = f"{predicted:.4f}" if predicted is not None else "-"
+        log(f"| {S:.2f} | {pattern} | {rows[-1]['method']} | {alloc} | {ach:.4f} | {pr} | {p:.3f} | {sec:.0f} |")
     log("\nOWL outlier ratios (LOD %, M=5): " + " ".join(f"{x:.2f}" for x in lod))
     for r in rows:
         if r.get("allocation") == "exact":

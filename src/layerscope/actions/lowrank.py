@@ -192,8 +192,9 @@ def factorize_model(parts, ids, plan: LowrankPlan, *, sequential: bool = True, l
 
 
 def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Path | str = "layerscope-lowrank",
-            evaluate: bool = True, eval_tokens: int = 4096, force: bool = False, quiet: bool = True,
-            trust_remote_code: bool = False, device=None, dtype=None, **request) -> LowrankResult:
+            evaluate: bool = True, eval_tokens: int = 4096, check_uniform: bool = True, select_tokens: int = 2048,
+            force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None,
+            **request) -> LowrankResult:
     """Apply a LowrankPlan (or resolve `request` first), evaluate, and write factorized and dense exports."""
     from layerscope.compress.blockwise import calibration_windows
     from layerscope.model.adapter import find_parts
@@ -223,10 +224,15 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
         raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
     ids = calibration_windows(lm.tokenizer, int(plan.calibration.get("tokens", 8192)),
                               int(plan.calibration.get("seq_len", 256)))
-    dense_model = copy.deepcopy(lm.model) if evaluate else None
+    compare = check_uniform and parts.has_lm_head and plan.allocation != "uniform"
+    dense_model = copy.deepcopy(lm.model) if (evaluate or compare) else None
     say(f"factorizing ({plan.method}), sequential statistics on {ids.numel()} tokens")
     factors, losses = factorize_model(parts, ids, plan, log=say)
-    data: dict[str, Any] = {"kind": LowrankResult.kind, "notes": list(plan.notes), "evaluations": [],
+    notes = list(plan.notes)
+    selection = None
+    if compare:
+        plan, factors, selection = _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say)
+    data: dict[str, Any] = {"kind": LowrankResult.kind, "notes": notes, "evaluations": [], "selection": selection,
                             "predicted_loss": plan.predicted_loss, "measured_loss": float(sum(losses)),
                             "measured_layer_loss": losses, "block_reduction": plan.block_reduction()}
     if plan.predicted_loss is not None:
@@ -248,3 +254,33 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     data["plan"] = plan.model_dump(mode="json")
     data["files"], data["params"] = write_lowrank(lm, plan, factors, out, data, force=force, source_dir=source_dir)
     return LowrankResult(data)
+
+
+def _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say):
+    """Factorize a copy with uniform ranks at the same budget; keep the plan with the lower selection perplexity
+    (calibration split, the text the statistics came from — never the held-out evaluation text)."""
+    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+    from layerscope.model.adapter import find_parts
+    from layerscope.plans.lowrank import achieved_reduction
+
+    entries = [_entry(e.name, e.block, e.linear, e.shape, _rank(e.shape, 1 - plan.reduction)) for e in plan.entries]
+    uniform = plan.model_copy(update={"allocation": "uniform", "entries": entries, "predicted_loss": None,
+                                      "achieved_reduction": achieved_reduction(entries), "notes": []})
+    uni_model = copy.deepcopy(dense_model)
+    say("factorizing with uniform ranks at the same budget for comparison")
+    uni_factors, _ = factorize_model(find_parts(uni_model), ids, uniform)
+    proto = PerplexityProtocol(split="calibration", max_tokens=select_tokens)
+    ours = perplexity(lm.model, lm.tokenizer, proto).perplexity
+    uni = perplexity(uni_model, lm.tokenizer, proto).perplexity
+    selection = {"protocol": proto.model_dump(), "plan_perplexity": ours, "uniform_perplexity": uni}
+    if uni < ours:
+        msg = (f"the {plan.allocation} ranks measure worse than uniform ranks at the same budget ({ours:.4f} vs "
+               f"{uni:.4f} selection perplexity): shipping the uniform plan")
+        say(msg)
+        notes.append(msg)
+        uniform.notes.append(msg)
+        lm.model = uni_model
+        return uniform, uni_factors, {**selection, "shipped": "uniform"}
+    notes.append(f"{plan.allocation} ranks {ours:.4f} vs uniform {uni:.4f} selection perplexity: shipping the "
+                 f"{plan.allocation} plan")
+    return plan, factors, {**selection, "shipped": plan.allocation}

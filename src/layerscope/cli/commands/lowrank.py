@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("layerscope-lowrank"), "--out", "-o", help="Output directory."),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity of the dense and the low-rank model."),
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Tokens of held-out Wikipedia for --eval."),
+        check_uniform: bool = typer.Option(True, "--check-uniform/--no-check-uniform", help="Also factorize with uniform ranks at the same budget and ship the better plan."),
         plan: PlanFile = None,
         dry_run: DryRun = False,
         force: Force = False,
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
                 model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
             typer.echo(the_plan.to_yaml(), nl=False)
             return
-        common = dict(out=out, evaluate=evaluate, eval_tokens=eval_tokens, force=force, quiet=quiet,
+        common = dict(out=out, evaluate=evaluate, eval_tokens=eval_tokens, check_uniform=check_uniform, force=force, quiet=quiet,
                       trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         result = lowrank(model, plan, **common) if plan is not None else lowrank(model, **common, **request)
         if not quiet:
