@@ -51,7 +51,7 @@ def test_sparsegpt_obs_update_equals_naive_column_by_column_solve():
     H = _hessian(X)
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(W.shape, generator=g) < 0.5
-    got = prune_sparsegpt(W, H.float(), 0.5, blocksize=8, mask=mask)  # two lazy blocks
+    got = prune_sparsegpt(W, H, 0.5, blocksize=8, mask=mask, dtype=torch.float64)  # two lazy blocks
     ref = _naive_obs(W, H, mask)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
     assert torch.all(got[mask] == 0)
@@ -62,7 +62,7 @@ def test_sparsegpt_with_a_pruned_prefix_is_the_least_squares_optimum_of_the_kept
     H = _hessian(X)
     mask = torch.zeros_like(W, dtype=torch.bool)
     mask[:, :5] = True
-    got = prune_sparsegpt(W, H.float(), 0.3, mask=mask).double()
+    got = prune_sparsegpt(W, H, 0.3, mask=mask, dtype=torch.float64).double()
     # direct least squares: min ‖X w_keep - X w0‖ over the kept columns (with the same damping in H)
     K = slice(5, W.shape[1])
     ls = torch.linalg.solve(H[K, K], (H[K, :] @ W.double().t())).t()

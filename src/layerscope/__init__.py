@@ -1,6 +1,7 @@
 """layerscope: which layers of this transformer matter, and what to do about it.
 
-The Python API has the CLI's shape: scan, agree, plan_prune/prune, plan_quantize/quantize, sweep, probe, lens,
+The Python API has the CLI's shape: scan, agree, plan_prune/prune, plan_quantize/quantize, plan_sparsify/sparsify,
+plan_lowrank/lowrank, sweep, probe, lens,
 steer, perplexity, load, render_report, load_result.
 """
 __version__ = "0.1.0"
@@ -20,6 +21,12 @@ _LAZY = {
     "plan_quantize": ("actions.quantize", "plan_quantize"),
     "quantize": ("actions.quantize", "quantize"),
     "QuantPlan": ("plans.quantize", "QuantPlan"),
+    "plan_sparsify": ("actions.sparsify", "plan_sparsify"),
+    "sparsify": ("actions.sparsify", "sparsify"),
+    "SparsifyPlan": ("plans.sparsify", "SparsifyPlan"),
+    "plan_lowrank": ("actions.lowrank", "plan_lowrank"),
+    "lowrank": ("actions.lowrank", "lowrank"),
+    "LowrankPlan": ("plans.lowrank", "LowrankPlan"),
     "sweep": ("evaluation.sweep", "run_sweep"),
     "load_result": ("results", "load_result"),
     "steer": ("actions.steer", "steer"),

@@ -29,6 +29,8 @@ KINDS: dict[str, str] = {
     "layerscope.sweep": "layerscope.evaluation.sweep:RemovalSweep",
     "layerscope.prune": "layerscope.actions.prune:PruneResult",
     "layerscope.quantize": "layerscope.actions.quantize:QuantizeResult",
+    "layerscope.sparsify": "layerscope.actions.sparsify:SparsifyResult",
+    "layerscope.lowrank": "layerscope.actions.lowrank:LowrankResult",
 }
 __doc__ += "".join(f"\n* ``{k}`` -- `{v.replace(':', '.')}`" for k, v in KINDS.items()) + "\n"
 

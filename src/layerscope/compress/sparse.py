@@ -86,9 +86,8 @@ def prune_wanda(weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float, 
     return weight.detach().masked_fill(mask, 0)
 
 
-def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (float64 for stability)."""
-    h = h.double()
+def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (in H's dtype; float32 as SparseGPT's reference, with damping)."""
     try:
         L = torch.linalg.cholesky(h)
         hinv = torch.cholesky_inverse(L)
@@ -98,20 +97,26 @@ def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
                               "raise the damping") from None
 
 
-def prune_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",
-                    blocksize: int = 128, mask: torch.Tensor | None = None) -> torch.Tensor:
+def prune_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float, pattern: str = "unstructured",
+                    blocksize: int = 128, mask: torch.Tensor | None = None, hinv_upper: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """SparseGPT's pruned and error-compensated weight (weight [out, in], hessian damped [in, in]).
 
-    `mask` (True = pruned) fixes the mask instead of choosing it adaptively (tests).
+    `mask` (True = pruned) fixes the mask instead of choosing it adaptively (tests). `hinv_upper`:
+    a precomputed `upper_inverse_cholesky(H)` (several sparsity levels of one layer share it).
+    Computes in `dtype` (float32 as the reference implementation).
     """
     n, m = parse_pattern(pattern)
-    W = weight.detach().double().clone()
-    H = hessian.detach().double().clone()
+    W = weight.detach().to(dtype).clone()
     rows, cols = W.shape
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U = _upper_inverse_cholesky(H)
+    if hinv_upper is None:
+        H = hessian.detach().to(dtype).clone()
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        U = upper_inverse_cholesky(H)
+    else:
+        U = hinv_upper.to(dtype)
     if m and blocksize % m:
         blocksize = m * max(1, blocksize // m)
     for i1 in range(0, cols, blocksize):
@@ -167,5 +172,14 @@ def prune_weight(method: str, weight: torch.Tensor, sparsity: float, pattern: st
     if method == "wanda":
         return prune_wanda(weight, stats.col_norms(), sparsity, pattern)
     if method == "sparsegpt":
-        return prune_sparsegpt(weight, stats.hessian(damp), sparsity, pattern)
+        cached = getattr(stats, "_sparsegpt_hinv", None)  # one factorization per layer for every level
+        if cached is None or cached[0] != damp:
+            H = stats.hessian(damp)
+            dead = torch.diagonal(H) == 0
+            H[dead, dead] = 1.0
+            cached = (damp, upper_inverse_cholesky(H), dead)
+            stats._sparsegpt_hinv = cached
+        w = weight.detach().clone()
+        w[:, cached[2]] = 0
+        return prune_sparsegpt(w, None, sparsity, pattern, hinv_upper=cached[1])
     raise LayerscopeError(f"unknown pruning method '{method}' ({', '.join(METHODS)})")

@@ -169,8 +169,12 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
     Works for any model directory: without a pruning record it is a plain load.
     The tokenizer is the directory's own: ``transformers.AutoTokenizer.from_pretrained(path)``.
     """
+    from layerscope.model.factorized import load_factorized, read_lowrank_json
     from layerscope.model.loading import load_model
 
+    lowrank = read_lowrank_json(path) if Path(path).is_dir() else None
+    if lowrank is not None:  # a `layerscope lowrank` factorized directory: Linear(in, r) -> Linear(r, out) pairs
+        return load_factorized(path, lowrank, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     loaded = load_model(path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
                         attn_implementation=attn_implementation, tokenizer=False)
     record = read_pruned_json(loaded.path) if loaded.path is not None else None

@@ -1,0 +1,286 @@
+"""`lowrank`: per-layer ranks (uniform or exact under a parameter budget), plain or whitened (SVD-LLM) SVD.
+
+Runs on the one statistics pass (engine/moments.py): the exact allocation's loss curves on a
+non-sequential pass over the dense model, the factorization itself on a sequential pass (block
+i+1's XᵀX from the already factorized blocks). Writes `factorized/` (safetensors with the factor
+pairs; `layerscope.load` builds Linear(in, r) → Linear(r, out)), `dense/` (Ŵ = BA in place; plain
+transformers loads it), the plan, a result (kind layerscope.lowrank) and a report.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from layerscope.errors import LayerscopeError
+from layerscope.plans.lowrank import KEEP_GRID, LowrankPlan, RankEntry
+from layerscope.results import Result
+
+
+class LowrankResult(Result):
+    kind = "layerscope.lowrank"
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    @classmethod
+    def summary_of(cls, d: dict) -> str:
+        p = d["plan"]
+        lines = [f"{p['method']} low rank, allocation {p['allocation']}: {p['achieved_reduction']:.4f} of the linear "
+                 f"parameters removed (target {p['reduction']})"]
+        if d.get("predicted_loss") is not None:
+            lines.append(f"  layer-output loss: predicted {d['predicted_loss']:.4f}, measured {d['measured_loss']:.4f}")
+        if d.get("params"):
+            lines.append(f"  parameters: dense {d['params']['dense']:,}, factorized {d['params']['factorized']:,}")
+        lines += [f"  {e['name']}: perplexity {e['perplexity']:.4f}" for e in d.get("evaluations") or []]
+        lines += [f"  note: {n}" for n in d.get("notes") or []]
+        return "\n".join(lines)
+
+    @classmethod
+    def table_of(cls, d: dict):
+        from layerscope.report.extras import extras_table
+
+        p = d["plan"]
+        view = {"plan": {"method": p["method"], "pattern": "low rank", "allocation": p["allocation"],
+                         "sparsity": p["reduction"], "achieved_sparsity": p["achieved_reduction"],
+                         "levels": d.get("block_reduction") or [], "loss_model": p.get("loss_model")},
+                "predicted_loss": d.get("predicted_loss"), "measured_loss": d.get("measured_loss"),
+                "evaluations": d.get("evaluations"), "notes": d.get("notes")}
+        prov = {"model_id": p["provenance"].get("source_model", ""), "num_layers": p["num_layers"],
+                "weights_sha256": p["provenance"].get("weights_sha256"), "created": p["provenance"].get("created", "")}
+        return extras_table({"sparsify": view}, prov)
+
+
+def _say(quiet: bool):
+    return (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def _linear_only(_n, m) -> bool:
+    import torch.nn as nn
+
+    return isinstance(m, nn.Linear)
+
+
+def _rank(shape, keep: float) -> int | None:
+    from layerscope.compress.lowrank import rank_for_keep
+
+    return None if keep >= 1.0 else rank_for_keep(tuple(shape), keep)
+
+
+def _entry(name, block, linear, shape, rank) -> RankEntry:
+    params = shape[0] * shape[1] if rank is None else rank * (shape[0] + shape[1])
+    return RankEntry(name=name, block=block, linear=linear, shape=list(shape), rank=rank, params=params)
+
+
+def loss_curves(parts, ids, method: str, damp: float, keeps, log=lambda m: None) -> dict[str, list[float]]:
+    """{layer: [relative output error at each keep fraction]} on the dense model's statistics."""
+    from layerscope.compress.lowrank import factorize, relative_output_error
+    from layerscope.engine.moments import linear_moments
+
+    curves: dict[str, list[float]] = {}
+
+    def on_block(i, block, stats):
+        for n, st in stats.items():
+            W = st.module.weight.data
+            f = factorize(W, method, st.xtx, damp)
+            curves[f"{parts.blocks_path}.{i}.{n}"] = [  # whitened: exact from the singular values (SVD-LLM)
+                0.0 if k >= 1 else (f.tail_loss(_rank(W.shape, k)) if method == "whitened" else
+                                    relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx)) for k in keeps]
+        log(f"  block {i}: measured {len(stats)} layers at keep {list(keeps)}")
+
+    linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)
+    return curves
+
+
+def plan_lowrank(model=None, *, reduction: float, method: str = "whitened", allocation: str = "uniform",
+                 tokens: int = 8192, seq_len: int = 256, damp: float = 1e-4, quiet: bool = True,
+                 trust_remote_code: bool = False, device=None, dtype=None, loaded=None) -> LowrankPlan:
+    """Resolve a low-rank request into a LowrankPlan (measuring the loss curves for `exact`)."""
+    return _resolve(model, reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len,
+                    damp=damp, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                    loaded=loaded)[0]
+
+
+def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, quiet, trust_remote_code, device,
+             dtype, loaded):
+    import datetime as _dt
+
+    from layerscope import __version__
+    from layerscope.compress.blockwise import calibration_windows
+    from layerscope.compress.lowrank import METHODS
+    from layerscope.model.adapter import find_parts
+    from layerscope.model.loading import load_model
+    from layerscope.plans.lowrank import ALLOCATIONS, achieved_reduction, check_reduction
+
+    say = _say(quiet)
+    reduction = check_reduction(reduction)
+    if method not in METHODS:
+        raise LayerscopeError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    if allocation not in ALLOCATIONS:
+        raise LayerscopeError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
+    lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    parts = find_parts(lm.model)
+    layers = [(f"{parts.blocks_path}.{i}.{n}", i, n, tuple(m.weight.shape))
+              for i in range(parts.num_layers) for n, m in parts.block_linears(i).items() if _linear_only(n, m)]
+    notes, predicted, loss_model = [], None, None
+    if allocation == "uniform":
+        entries = [_entry(nm, i, n, sh, _rank(sh, 1 - reduction)) for nm, i, n, sh in layers]
+    else:
+        from layerscope.plans.allocator import UnitOptions, allocate_exact, evaluate_choice
+
+        if lm.tokenizer is None:
+            raise LayerscopeError(f"{lm.model_id} has no tokenizer: cannot make calibration windows")
+        ids = calibration_windows(lm.tokenizer, tokens, seq_len)
+        keeps = list(KEEP_GRID) + [1.0]
+        say(f"exact: measuring each layer's {method} truncation loss at keep {keeps} ({ids.numel()} tokens)")
+        curves = loss_curves(parts, ids, method, damp, keeps, log=say)
+        units = []
+        for nm, i, n, sh in layers:
+            costs = [sh[0] * sh[1] if k >= 1 else _rank(sh, k) * (sh[0] + sh[1]) for k in keeps]
+            units.append(UnitOptions(nm, keeps, costs, curves[nm]))
+        total = sum(sh[0] * sh[1] for *_, sh in layers)
+        alloc = allocate_exact(units, (1 - reduction) * total)
+        entries = [_entry(nm, i, n, sh, _rank(sh, k)) for (nm, i, n, sh), k in zip(layers, alloc.chosen)]
+        predicted = alloc.predicted_loss
+        loss_model = "relative layer-output error ‖(W−Ŵ)X‖²/‖WX‖² on the dense model's calibration XᵀX, summed"
+        near = min(KEEP_GRID, key=lambda k: abs(k - (1 - reduction)))
+        uni = evaluate_choice(units, [near] * len(units))
+        notes.append(f"predicted total loss {predicted:.4f} vs {uni.predicted_loss:.4f} for uniform keep {near}")
+    plan = LowrankPlan(
+        method=method, reduction=reduction, allocation=allocation, achieved_reduction=achieved_reduction(entries),
+        num_layers=parts.num_layers, blocks_path=parts.blocks_path, entries=entries,
+        calibration={"source": "wikipedia:calibration", "tokens": tokens, "seq_len": seq_len}, damp=damp,
+        predicted_loss=predicted, loss_model=loss_model, notes=notes,
+        provenance={"source_model": lm.model_id, "source_path": str(lm.path) if lm.path else None,
+                    "weights_sha256": lm.weights_sha256, "layerscope_version": __version__,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    say(f"plan: {plan.achieved_reduction:.4f} of the linear parameters removed; per block "
+        + " ".join(f"{r:.2f}" for r in plan.block_reduction()))
+    return plan, lm
+
+
+def factorize_model(parts, ids, plan: LowrankPlan, *, sequential: bool = True, log=lambda m: None
+                    ) -> tuple[dict[str, tuple[Any, Any]], list[float]]:
+    """Replace every planned layer's weight by B·A in place; returns ({name: (A, B)}, measured layer losses)."""
+    from layerscope.compress.lowrank import factorize, relative_output_error
+    from layerscope.engine.moments import linear_moments
+
+    ranks = plan.ranks()
+    factors: dict[str, tuple[Any, Any]] = {}
+    losses: list[float] = []
+
+    def on_block(i, block, stats):
+        for n, st in stats.items():
+            name = f"{parts.blocks_path}.{i}.{n}"
+            r = ranks.get(name)
+            if r is None:
+                continue
+            W = st.module.weight.data
+            a, b = factorize(W, plan.method, st.xtx, plan.damp).factors(r)
+            new = (b @ a).to(W.dtype)
+            losses.append(relative_output_error(W, new, st.xtx))
+            factors[name] = (a.to(W.dtype).contiguous(), b.to(W.dtype).contiguous())
+            st.module.weight.data = new
+        log(f"  block {i} factorized")
+
+    linear_moments(parts, ids, on_block=on_block, sequential=sequential, select=_linear_only)
+    return factors, losses
+
+
+def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Path | str = "layerscope-lowrank",
+            evaluate: bool = True, eval_tokens: int = 4096, check_uniform: bool = True, select_tokens: int = 2048,
+            force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None,
+            **request) -> LowrankResult:
+    """Apply a LowrankPlan (or resolve `request` first), evaluate, and write factorized and dense exports."""
+    from layerscope.compress.blockwise import calibration_windows
+    from layerscope.model.adapter import find_parts
+    from layerscope.model.loading import load_model, resolve
+    from layerscope.outputs import check_output
+
+    say = _say(quiet)
+    _, source_dir = resolve(model)
+    out = check_output(out, force=force, sources=(source_dir,))
+    if isinstance(plan, (str, Path)):
+        plan = LowrankPlan.from_file(plan)
+    if plan is None:
+        defaults = dict(reduction=0.2, method="whitened", allocation="uniform", tokens=8192, seq_len=256, damp=1e-4)
+        unknown = set(request) - set(defaults)
+        if unknown:
+            raise LayerscopeError(f"unknown lowrank options: {', '.join(sorted(unknown))}")
+        plan, lm = _resolve(model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                            loaded=None, **{**defaults, **request})
+    else:
+        if request:
+            raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
+        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    parts = find_parts(lm.model)
+    if plan.num_layers != parts.num_layers:
+        raise LayerscopeError(f"the plan covers {plan.num_layers} blocks, the model has {parts.num_layers}")
+    if evaluate and not parts.has_lm_head:
+        raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
+    ids = calibration_windows(lm.tokenizer, int(plan.calibration.get("tokens", 8192)),
+                              int(plan.calibration.get("seq_len", 256)))
+    compare = check_uniform and parts.has_lm_head and plan.allocation != "uniform"
+    dense_model = copy.deepcopy(lm.model) if (evaluate or compare) else None
+    say(f"factorizing ({plan.method}), sequential statistics on {ids.numel()} tokens")
+    factors, losses = factorize_model(parts, ids, plan, log=say)
+    notes = list(plan.notes)
+    selection = None
+    if compare:
+        plan, factors, selection = _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say)
+    data: dict[str, Any] = {"kind": LowrankResult.kind, "notes": notes, "evaluations": [], "selection": selection,
+                            "predicted_loss": plan.predicted_loss, "measured_loss": float(sum(losses)),
+                            "measured_layer_loss": losses, "block_reduction": plan.block_reduction()}
+    if plan.predicted_loss is not None:
+        say(f"layer-output loss: predicted {plan.predicted_loss:.4f}, measured {sum(losses):.4f} "
+            "(measured with the factorized prefix's inputs)")
+    if evaluate:
+        from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+
+        proto = PerplexityProtocol(max_tokens=eval_tokens)
+        base = perplexity(dense_model, lm.tokenizer, proto).perplexity
+        got = perplexity(lm.model, lm.tokenizer, proto).perplexity
+        data["evaluations"] = [{"name": "dense", "perplexity": base},
+                               {"name": f"{plan.method} {plan.allocation}", "perplexity": got}]
+        data["protocol"] = proto.model_dump()
+        say(f"perplexity ({proto.describe()}): dense {base:.4f}, low rank {got:.4f}")
+    del dense_model
+    from layerscope.model.factorized import write_lowrank
+
+    data["plan"] = plan.model_dump(mode="json")
+    data["files"], data["params"] = write_lowrank(lm, plan, factors, out, data, force=force, source_dir=source_dir)
+    return LowrankResult(data)
+
+
+def _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say):
+    """Factorize a copy with uniform ranks at the same budget; keep the plan with the lower selection perplexity
+    (calibration split, the text the statistics came from — never the held-out evaluation text)."""
+    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+    from layerscope.model.adapter import find_parts
+    from layerscope.plans.lowrank import achieved_reduction
+
+    entries = [_entry(e.name, e.block, e.linear, e.shape, _rank(e.shape, 1 - plan.reduction)) for e in plan.entries]
+    uniform = plan.model_copy(update={"allocation": "uniform", "entries": entries, "predicted_loss": None,
+                                      "achieved_reduction": achieved_reduction(entries), "notes": []})
+    uni_model = copy.deepcopy(dense_model)
+    say("factorizing with uniform ranks at the same budget for comparison")
+    uni_factors, _ = factorize_model(find_parts(uni_model), ids, uniform)
+    proto = PerplexityProtocol(split="calibration", max_tokens=select_tokens)
+    ours = perplexity(lm.model, lm.tokenizer, proto).perplexity
+    uni = perplexity(uni_model, lm.tokenizer, proto).perplexity
+    selection = {"protocol": proto.model_dump(), "plan_perplexity": ours, "uniform_perplexity": uni}
+    if uni < ours:
+        msg = (f"the {plan.allocation} ranks measure worse than uniform ranks at the same budget ({ours:.4f} vs "
+               f"{uni:.4f} selection perplexity): shipping the uniform plan")
+        say(msg)
+        notes.append(msg)
+        uniform.notes.append(msg)
+        lm.model = uni_model
+        return uniform, uni_factors, {**selection, "shipped": "uniform"}
+    notes.append(f"{plan.allocation} ranks {ours:.4f} vs uniform {uni:.4f} selection perplexity: shipping the "
+                 f"{plan.allocation} plan")
+    return plan, factors, {**selection, "shipped": plan.allocation}
