@@ -105,6 +105,18 @@ class _Scoped(Checkpoint):
         raise LayerscopeError("remove the checkpoint through its owner")
 
 
+def ids_digest(batches) -> str:
+    """sha256 of the token ids of a runner's batches (what a stage was computed on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        ids = b.inputs["input_ids"]
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def checkpoint_name(verb: str) -> str:
     """The checkpoint's file name in a verb's --out folder."""
     return f"{verb}.checkpoint.json"
