@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 
 from layerscope.checkpoint import ids_digest
-
 from layerscope.engine.removal import (
     blocks_removed,
     check_unit,
