@@ -320,3 +320,24 @@ def test_assets_bad_inputs(args, monkeypatch, capsys):
 def test_matrix_size():
     """Every verb on main is in the matrix (new verbs are added here by whoever adds them)."""
     assert set(VERBS) == set(cli.COMMAND_MODULES)
+
+
+@pytest.mark.parametrize("verb", ["prune", "sweep", "agree", "quantize"])
+def test_scores_made_on_other_weights(verb, world, tmp_path, monkeypatch, capsys):
+    from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
+
+    root, models, data = world
+    scores = tmp_path / "scores.json"
+    t = ScoreTable(provenance=Provenance(model_id="other", model_family="llama", num_layers=4, layerscope_version="t",
+                                         weights_sha256="0" * 64))
+    t.add(ScoreColumn(name="block_influence", metric="block_influence", unit="block", direction="higher",
+                      definition="", reference="", values=[0.1, 0.2, 0.3, 0.4]))
+    t.to_json(scores)
+    args = base_args(verb, models["good"], data, tmp_path / "out")
+    args = [*args, "--scores", scores]
+    if verb in ("sweep", "quantize"):
+        args = _with(args, {"sweep": "--orders", "quantize": "--by"}[verb], "block_influence")
+    before = snapshot(root)
+    code, _, err = run(args, monkeypatch, capsys)
+    check(code, err)
+    assert "other weights" in err and not (tmp_path / "out").exists() and snapshot(root) == before

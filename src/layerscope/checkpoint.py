@@ -24,8 +24,12 @@ def _normal(obj: Any) -> Any:
 class Checkpoint:
     """Finished units of work keyed by name; `put` saves the file atomically after every unit."""
 
-    def __init__(self, path: str | Path | None, fingerprint: dict[str, Any], resume: bool = False):
+    def __init__(self, path: str | Path | None, fingerprint: dict[str, Any], resume: bool = False,
+                 claim: Any = None):
+        """`claim` (e.g. `outputs.claim_output`) runs before the first write, so a run that fails
+        before it has anything to save leaves no folder behind."""
         self.path = Path(path) if path is not None else None
+        self._claim = claim
         self.fingerprint = _normal(fingerprint)
         self.done: dict[str, Any] = {}
         self.resumed = 0
@@ -55,6 +59,9 @@ class Checkpoint:
 
         self.done[key] = _normal(value)
         if self.path is not None:
+            if self._claim is not None:
+                self._claim()
+                self._claim = None
             write_json_atomic(self.path, {"fingerprint": self.fingerprint, "done": self.done})
 
     def require_same(self, key: str, value: Any) -> None:
@@ -96,6 +103,18 @@ class _Scoped(Checkpoint):
 
     def remove(self) -> None:
         raise LayerscopeError("remove the checkpoint through its owner")
+
+
+def ids_digest(batches) -> str:
+    """sha256 of the token ids of a runner's batches (what a stage was computed on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches:
+        ids = b.inputs["input_ids"]
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_name(verb: str) -> str:

@@ -65,6 +65,12 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple, tuple]:
     return tuple(exits), tuple(aborts), tuple(usage), tuple(no_args)
 
 
+def _validation_error() -> type:
+    from pydantic import ValidationError
+
+    return ValidationError
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
 
@@ -100,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except no_args as exc:
         typer.echo(exc.format_message())
+    except _validation_error() as exc:  # a plan or request with an out-of-range or unknown field
+        err = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in err.get("loc", ())) or exc.title
+        typer.echo(f"layerscope: error: invalid {where}: {err.get('msg', str(exc).splitlines()[0])}", err=True)
+        sys.exit(2)
     except usage as exc:  # usage errors: unknown option, bad value, ...
         typer.echo(f"layerscope: error: {exc.format_message().splitlines()[0]}", err=True)
         sys.exit(exc.exit_code)

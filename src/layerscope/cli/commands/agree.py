@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         from layerscope.checkpoint import Checkpoint, checkpoint_name
         from layerscope.outputs import claim_output
 
-        claim_output(out, [checkpoint_name("agree")], verb="agree", force=force, sources=(model_dir,))
-        checkpoint = Checkpoint(out / checkpoint_name("agree"), {
+        checkpoint = Checkpoint(out / checkpoint_name("agree"), claim=lambda: claim_output(
+            out, [checkpoint_name("agree")], verb="agree", force=force, sources=(model_dir,)), fingerprint={
             "verb": "agree", "model": str(model), "scores": _file_digest(scores), "truth": truth, "data": data,
             "second_corpus": second_corpus, "tokens": tokens, "seq_len": seq_len, "batch_size": batch_size,
             "ablation_data": ablation_data, "ablation_tokens": ablation_tokens, "gradient_tokens": gradient_tokens,

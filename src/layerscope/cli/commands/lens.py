@@ -46,6 +46,15 @@ def register(app: typer.Typer) -> None:
         subject.require_lm_head("the logit/tuned lens" if lenses else "neuron decoding")
         sources = (subject.model_dir,)
         check_output(out, force=force, sources=sources)
+        for name, v, lo in (("--steps", steps, 0), ("--train-tokens", train_tokens, 8), ("--eval-tokens", eval_tokens, 8),
+                            ("--batch-tokens", batch_tokens, 1), ("--seq-len", seq_len, 2),
+                            ("--checkpoint-every", checkpoint_every, 1)):
+            if v < lo:  # checked before the checkpoint claims --out: a refused run leaves no folder
+                raise LayerscopeError(f"{name} must be >= {lo}, got {v}")
+        if neurons is not None:
+            from layerscope.analysis.neurons import parse_layers
+
+            parse_layers(neurons, subject.num_layers)
         if lenses:  # checkpoints and the tuned lens are written while training
             claim_output(out, [f"{n}.{e}" for n in (CHECKPOINT, ARTEFACT) for e in ("json", "safetensors")],
                          verb="lens", force=force, sources=sources)

@@ -59,7 +59,12 @@ def register(app: typer.Typer) -> None:
 
         if on_long not in ("truncate", "error"):
             raise LayerscopeError("--on-long must be 'truncate' or 'error'")
+        if n < 1 or batch_size < 1 or cka_tokens < 2 or (max_length is not None and max_length < 2):
+            raise LayerscopeError("--n, --batch-size, --cka-tokens and --max-length must be positive")
         subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        from layerscope.outputs import check_output
+
+        check_output(out, force=force, sources=(subject.model_dir,))  # before the work, not after it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if quiet else "default")
             if cka_only:

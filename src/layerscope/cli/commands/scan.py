@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
             from layerscope.checkpoint import Checkpoint, checkpoint_name
             from layerscope.outputs import claim_output
 
-            claim_output(out, [checkpoint_name("scan")], verb="scan", force=force, sources=(model_dir,))
-            checkpoint = Checkpoint(out / checkpoint_name("scan"), {
+            checkpoint = Checkpoint(out / checkpoint_name("scan"), claim=lambda: claim_output(
+                out, [checkpoint_name("scan")], verb="scan", force=force, sources=(model_dir,)), fingerprint={
                 "verb": "scan", "model": str(model), "data": str(data), "metrics": names, "tokens": tokens,
                 "seq_len": seq_len, "batch_size": batch_size, "attn_seqs": attn_seqs, "lens_tokens": lens_tokens,
                 "options": options, "seed": seed, "dtype": str(dtype)}, resume=resume)

@@ -58,6 +58,9 @@ def register(app: typer.Typer) -> None:
             return
         subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         subject.require_lm_head("steering")
+        from layerscope.outputs import check_output
+
+        check_output(out, force=force, sources=(subject.model_dir,))  # before the work, not after it
         result = steer(subject, plan=the_plan, progress=not quiet)
         paths = write_outputs(out, "steer.json", result, f"layerscope steer: {subject.model_id}", subject.model_dir,
                               verb="steer", force=force)

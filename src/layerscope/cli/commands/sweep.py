@@ -80,8 +80,8 @@ def register(app: typer.Typer) -> None:
         from layerscope.checkpoint import Checkpoint, checkpoint_name
         from layerscope.outputs import claim_output
 
-        claim_output(out, [checkpoint_name("sweep")], verb="sweep", force=force, sources=(source_dir,))
-        checkpoint = Checkpoint(out / checkpoint_name("sweep"), {
+        checkpoint = Checkpoint(out / checkpoint_name("sweep"), claim=lambda: claim_output(
+            out, [checkpoint_name("sweep")], verb="sweep", force=force, sources=(source_dir,)), fingerprint={
             "verb": "sweep", "model": str(model), "weights": loaded.weights_sha256, "unit": unit, "remove": remove,
             "orders": orders, "scores": _table_digest(table), "dataset": dataset,
             "split": split, "tokens": tokens, "context": context, "stride": stride, "batch_size": batch_size,

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from layerscope.checkpoint import ids_digest
 from layerscope.engine.removal import (
     blocks_removed,
     check_unit,
@@ -148,17 +149,6 @@ class AblationResult:
         return [None if _exp(v) is None or base is None else _exp(v) - base for v in self.nll(unit)]
 
 
-def _ids_digest(batches) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for b in batches:
-        ids = b.inputs["input_ids"]
-        h.update(str(tuple(ids.shape)).encode())
-        h.update(ids.cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 _SUMS = ("base_nll_sum", "positions", "kl_sum", "nll_sum", "block_evaluations", "naive_block_evaluations",
          "head_evaluations")
 
@@ -172,9 +162,8 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
                   checkpoint: Any = None) -> AblationResult:
     """Leave-one-out ablation of every block / attention / MLP sublayer with prefix reuse.
 
-    `runner` is a captured BlockRunner; its batches are the evaluated tokens. With a `checkpoint`
-    (layerscope.checkpoint) the sums are saved after every batch and a resumed run continues from
-    the first unfinished batch, adding in the same order (identical numbers).
+    `runner` is a captured BlockRunner; its batches are the evaluated tokens. A `checkpoint` saves the sums
+    after every batch; a resumed run continues from the first unfinished one (identical numbers).
     """
     parts = runner.parts
     L = parts.num_layers
@@ -186,15 +175,11 @@ def leave_one_out(runner, units: Sequence[str] = UNITS, layers: Sequence[int] | 
     res = AblationResult(num_layers=L, units=units)
     head = OutputHead.of(parts)  # one logits buffer for every unit
     t0 = time.perf_counter()
-    state = checkpoint.get("sums") if checkpoint is not None else None
-    start = 0
-    if state is not None:
-        start = int(state.pop("batches_done"))
-        for k, v in state.items():
-            setattr(res, k, v)
-    for b, batch in enumerate(runner.batches):
-        if b < start:
-            continue
+    state = dict(checkpoint.get("sums") or {}) if checkpoint is not None else {}
+    start = int(state.pop("batches_done", 0))
+    for k, v in state.items():
+        setattr(res, k, v)
+    for b, batch in enumerate(runner.batches[start:], start):
         cache, h_final = _cache_inputs(runner, batch)
         res.block_evaluations += L
         res.naive_block_evaluations += L
@@ -408,12 +393,10 @@ class Ablation(Metric):
         if isinstance(units, str):
             units = [u.strip() for u in units.split(",") if u.strip()]
         runner, desc = ablation_runner(self.ctx)
-        ckpt = opts.get("checkpoint")
-        ckpt = ckpt.scoped("ablation") if ckpt is not None else None
-        if ckpt is not None:
+        ckpt = opts["checkpoint"].scoped("ablation") if opts.get("checkpoint") is not None else None
+        if ckpt is not None:  # a resumed run must see the same tokens, units and weights
             ckpt.require_same("inputs", {"data": desc, "units": list(units), "weights": opts.get("weights_sha256"),
-                                         "tokens_sha256": _ids_digest(runner.batches),
-                                         "greedy": opts.get("ablation_greedy", 0)})
+                                         "tokens": ids_digest(runner.batches), "greedy": opts.get("ablation_greedy", 0)})
         res = leave_one_out(runner, units, checkpoint=ckpt)
         greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
         greedy = ckpt.get("greedy") if ckpt is not None else None
