@@ -57,7 +57,7 @@ def test_sparsify_writes_a_plain_hf_directory_at_the_planned_sparsity(tiny_dir, 
     from layerscope.results import load_result
 
     out = tmp_path / "s"
-    res = sparsify(tiny_dir, out=out, sparsity=0.5, method="sparsegpt", allocation="owl", tokens=512, seq_len=64,
+    res = sparsify(tiny_dir, out=out, sparsity=0.5, method="sparsegpt", allocation="owl", tokens=256, seq_len=64,
                    evaluate=False, check_uniform=False)
     plan = res.to_dict()["plan"]
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
@@ -76,7 +76,7 @@ def test_sparsify_writes_a_plain_hf_directory_at_the_planned_sparsity(tiny_dir, 
 @requires_wikipedia
 def test_cli_sparsify_dry_run_plan_applies_as_written(tiny_dir, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["sparsify", tiny_dir, "--sparsity", "0.6", "--method", "wanda", "--allocation", "exact",
-                              "--tokens", "512", "--seq-len", "64", "--dry-run", "--quiet"], monkeypatch, capsys)
+                              "--tokens", "256", "--seq-len", "64", "--dry-run", "--quiet"], monkeypatch, capsys)
     assert code == 0, err
     plan = yaml.safe_load(out)
     assert plan["plan"] == "sparsify" and len(plan["levels"]) == 4 and plan["predicted_loss"] is not None
@@ -100,7 +100,7 @@ def test_lowrank_factorized_load_is_smaller_and_matches_the_dense_export(family,
 
     d = save_tiny(family, tmp_path / "m")
     res = layerscope.lowrank(d, out=tmp_path / "o", reduction=0.3, method="whitened", allocation="uniform",
-                             tokens=512, seq_len=64, evaluate=False)
+                             tokens=256, seq_len=64, evaluate=False)
     fact = layerscope.load(tmp_path / "o" / "factorized")
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "dense")
     pairs = [m for m in fact.modules() if isinstance(m, torch.nn.Sequential)]

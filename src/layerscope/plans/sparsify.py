@@ -60,6 +60,8 @@ class SparsifyPlan(Plan):
         for s in self.levels:
             if not 0.0 <= s < 1.0:
                 raise LayerscopeError(f"plan level {s} is not a sparsity in [0, 1)")
+        if len(self.block_params) == self.num_layers:  # a hand-edited plan: what it really achieves
+            self.achieved_sparsity = achieved(self.levels, self.block_params)
         return self
 
 
