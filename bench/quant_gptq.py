@@ -78,6 +78,13 @@ def main() -> None:
     ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}"
     ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, 0.01, False))
     resume = (ck_dir / "candidate_losses.json").is_file()
+    only = os.environ.get("LAYERSCOPE_BENCH_MEASURE_BLOCKS")  # "a-b": measure these blocks only, then stop
+    if only:
+        lo, hi = (int(x) for x in only.split("-"))
+        measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume,
+                           keep_hessians=False, only_blocks=lambda i: lo <= i <= hi)
+        log(f"measured blocks {lo}-{hi} into {ck_dir}")
+        return
     if calib_tokens:
         both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume)
     t_measure = time.perf_counter() - t

@@ -176,7 +176,8 @@ class Checkpoint:
 def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float = 0.01, act_order: bool = False,
                        keep_hessians: bool = True, checkpoint: Checkpoint | None = None, resume: bool = False,
                        log: Callable[[str], None] = lambda m: None,
-                       after_block: Callable[[int], None] | None = None) -> CandidateLosses:
+                       after_block: Callable[[int], None] | None = None,
+                       only_blocks: Callable[[int], bool] | None = None) -> CandidateLosses:
     """One gradient pass and one statistics pass: every (linear, option) loss estimate."""
     from layerscope.engine.moments import linear_moments
 
@@ -193,6 +194,8 @@ def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float
 
     def on_block(i: int, _block, stats) -> None:
         done = ck.blocks.get(str(i))
+        if only_blocks is not None and not only_blocks(i) and done is None:
+            return  # measured by another process (parallel measurement over block ranges)
         per: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for lin, st in stats.items():
