@@ -18,6 +18,13 @@ Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --o
 Options = Annotated[Optional[list[str]], typer.Option(
     "--option", help="KEY=VALUE passed to the metrics (e.g. ablation_units=block, ablation_tokens=2048, "
     "quant_bits=3); repeatable.")]
+Offload = Annotated[Optional[bool], typer.Option(
+    "--offload/--no-offload", help="Stream each block's weights from the safetensors shards when it runs (out-of-core). "
+    "Default: automatic, when the weights do not fit in the available memory.")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray", flag_value="local", metavar="[ADDRESS]",
+    help="Fan independent work out as Ray tasks: a local cluster (--ray) or ray.init(address=ADDRESS) "
+    "(--ray=ADDRESS). Needs Ray (the 'ray' extra of layerscope).")]
 PlanFile = Annotated[Optional[Path], typer.Option("--plan", help="Apply this plan file (YAML/JSON, e.g. from --dry-run) "
                                                   "instead of choosing now.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan (YAML) that would be applied, and exit.")]

@@ -393,7 +393,12 @@ class Ablation(Metric):
         if isinstance(units, str):
             units = [u.strip() for u in units.split(",") if u.strip()]
         runner, desc = ablation_runner(self.ctx)
-        res = leave_one_out(runner, units)
+        if opts.get("ray"):  # the same numbers, units fanned out over Ray workers
+            from layerscope.metrics.ground_truth.ablation_parallel import leave_one_out_ray
+
+            res = leave_one_out_ray(runner, units, str(opts["ray"]))
+        else:
+            res = leave_one_out(runner, units)
         greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
         greedy = greedy_removal(runner, greedy_steps, str(opts.get("ablation_greedy_by", "kl"))) \
             if greedy_steps > 0 else None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from layerscope.compress.quant import Scheme, check_linear, check_scheme, fake_quant
 from layerscope.errors import LayerscopeError
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
+from layerscope.model.offload import make_resident
 
 _REF_LOGPROB_BYTES = 2 << 30  # keep reference log-probabilities in memory up to this size
 
@@ -132,8 +133,9 @@ class QuantSensitivity(Metric):
         ref = self._reference(obs.batch_index, obs.h_in, batch)
         p_ref = ref.exp()
         linears = self.ctx.parts.block_linears(obs.index)
-        original = {n: m.weight.data for n, m in linears.items()}
         for s in self.schemes:
+            make_resident(self.ctx.parts.model, obs.index)  # out-of-core: the suffix run freed this block
+            original = {n: m.weight.data for n, m in linears.items()}
             try:
                 for n, m in linears.items():
                     m.weight.data = self.qweights[s][n]
