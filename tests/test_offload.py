@@ -186,3 +186,10 @@ def test_gpu_path_on_a_real_gpu_places_blocks_and_matches_cpu_numbers():
         with torch.no_grad():
             ref = ref_model(input_ids=ids).logits
         assert torch.allclose(logits.cpu(), ref, atol=1e-4, rtol=1e-4)
+    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+
+    offload.attach(model, cuda)  # a whole-model call (perplexity) on the GPU path
+    stream = torch.randint(3, tm.V, (600,), generator=torch.Generator().manual_seed(0))
+    proto = PerplexityProtocol(context_length=32, stride=32, max_tokens=512, batch_size=4)
+    on_gpu = perplexity(model, ids=stream, protocol=proto).perplexity
+    assert abs(on_gpu - perplexity(ref_model, ids=stream, protocol=proto).perplexity) < 1e-3

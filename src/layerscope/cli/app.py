@@ -42,7 +42,9 @@ def main() -> None:
     debug = os.environ.get("LAYERSCOPE_DEBUG") == "1"
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        from layerscope.cli.parsers import with_optional_values
+
+        app(args=with_optional_values(sys.argv[1:]), standalone_mode=False)
     except LayerscopeError as exc:
         if debug:
             raise

@@ -206,6 +206,16 @@ class BlockStreamer:
             self._materialise(self.head_slot)
         return self._move(args, self.device), self._move(kwargs, self.device)
 
+    def _outputs_back(self, mod, args, kwargs, output):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if self._paused or not isinstance(x, torch.Tensor) or x.device == self.device:
+            return None
+        if hasattr(output, "keys"):  # a ModelOutput: keep its class
+            for k in list(output.keys()):
+                output[k] = self._move(output[k], x.device)
+            return output
+        return self._move(output, x.device)
+
     def detach(self) -> None:
         """Remove the hooks (the model stays as it is)."""
         for h in self._handles:
@@ -252,6 +262,8 @@ def _add_head(s: BlockStreamer, parts: Any) -> None:
         mods = [m for m in (parts.final_norm, parts.head) if m is not None]
         if mods:
             s.add_head(mods)
+        # a whole-model call (perplexity, generation) returns its outputs where its inputs were
+        s._handles.append(parts.model.register_forward_hook(s._outputs_back, with_kwargs=True))
 
 
 def _shard_keys(files: list[Path]) -> dict[str, str]:
