@@ -136,7 +136,7 @@ def small_model_check(tokens: int, env: dict) -> None:
                    "--out", str(out), mode]
             t0 = time.perf_counter()
             subprocess.run(cmd, env=env, check=True, capture_output=True)
-            print(f"{' '.join(cmd[1:])}: {time.perf_counter() - t0:.1f} s")
+            print(f"layerscope {' '.join(cmd[3:])}: {time.perf_counter() - t0:.1f} s")
             outs[mode] = values(out / "scores.json")
         a, b = outs["--offload"], outs["--no-offload"]
         diffs = {k: max_diff(a[k], b[k]) for k in a}
@@ -178,7 +178,7 @@ def big(args, env) -> None:
         cmd = [*layerscope_cmd(), "scan", str(root / "model"), "--tokens", str(args.tokens), "--seq-len", "128",
                "--batch-size", "4", "-q", "--out", str(root / "scan")]
         print(f"memory limit (cgroup v1 memory.limit_in_bytes): {limit / 2**30:.2f} GiB = weights / 2")
-        print("$ " + " ".join(cmd[1:]))
+        print("$ layerscope " + " ".join(cmd[3:]))
         r = cgroup_run(cmd, limit, env)
         if r["rc"] != 0:
             print(f"FAILED (exit {r['rc']}, cgroup failcnt {r['failcnt']}):\n{r['stderr'][-2000:]}")

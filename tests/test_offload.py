@@ -159,6 +159,14 @@ def test_gpu_path_places_only_the_running_block_and_the_head_on_the_device_meta(
     assert all(p is cpu_params[n] for n, p in model.named_parameters())  # the RAM weights themselves are back
 
 
+def test_gradient_metrics_on_the_gpu_path_get_the_whole_model_on_the_device_meta():
+    model = tm.build("llama")
+    offload.attach(model, "meta")
+    assert "gradient metrics" in offload.unstream(model)
+    assert offload.streamer_of(model) is None and {p.device.type for p in model.parameters()} == {"meta"}
+    assert offload.unstream(model) is None  # nothing streamed any more
+
+
 def test_activations_stay_on_cpu_when_they_do_not_fit_on_the_device():
     cuda = torch.device("cuda")
     assert memory.activation_device(10 << 20, cuda, free_bytes=100 << 20) == cuda

@@ -22,7 +22,7 @@ from layerscope.metrics import (
 )
 from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
 from layerscope.model.adapter import ModelParts, find_parts
-from layerscope.model.offload import block_resident, streamer_of
+from layerscope.model.offload import block_resident, from_disk, streamer_of, unstream
 
 
 # Metrics that back-propagate through (or read) every block at once: not computed out-of-core.
@@ -177,8 +177,10 @@ def scan(
 
     instances: list[Metric] = []
     skipped: dict[str, str] = {}
-    streamed = streamer_of(model) is not None and any(t.file for sl in streamer_of(model).slots.values()
-                                                      for t in sl.tensors)
+    streamed = from_disk(model)
+    moved = unstream(model) if any(n in NEEDS_ALL_WEIGHTS for n in names) else None  # GPU path, in RAM
+    if moved:
+        parts.notes.append(moved)
     for n in names:
         cls = METRICS[n]
         why = cls.unavailable(parts) if hasattr(cls, "unavailable") else None

@@ -211,7 +211,8 @@ def load_model(
     from layerscope.model import offload as off
 
     dev = resolve_device(device) if device else None
-    streamed, why = off.choose_offload(files, dtype or torch.float32, offload if offload is not None else off.offload_env_default()) if files else (False, "")
+    force = offload if offload is not None else off.offload_env_default()
+    streamed, why = off.choose_offload(files, dtype or torch.float32, force) if files else (False, "")
     if streamed:
         model = off.load_streamed(cls, config, files, dtype=dtype or torch.float32, device=dev or "cpu",
                                   attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,

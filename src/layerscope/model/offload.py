@@ -227,6 +227,25 @@ def streamer_of(model: nn.Module | None) -> BlockStreamer | None:
     return getattr(model, STREAMER_ATTR, None) if model is not None else None
 
 
+def from_disk(model: nn.Module | None) -> bool:
+    """True when the model's blocks live in safetensors shards (out-of-core), not in memory."""
+    s = streamer_of(model)
+    return s is not None and any(t.file is not None for slot in s.slots.values() for t in slot.tensors)
+
+
+def unstream(model: nn.Module) -> str | None:
+    """GPU path only: move the whole in-RAM model to its device instead (for metrics that need every
+    block's weights at once, e.g. gradients). Returns a note, or None when nothing changed."""
+    s = streamer_of(model)
+    if s is None or from_disk(model):
+        return None
+    s.release()
+    s.detach()
+    setattr(model, STREAMER_ATTR, None)
+    model.to(s.device)
+    return f"the whole model on {s.device} (gradient metrics need every block at once)"
+
+
 def make_resident(model: nn.Module, i: int) -> None:
     """Load block i now (before reading or temporarily editing its weights); no-op for a model in RAM."""
     s = streamer_of(model)

@@ -7,13 +7,12 @@ from typing import Callable
 
 from torch import nn
 
-from layerscope.model.offload import streamer_of
+from layerscope.model.offload import from_disk, streamer_of
 
 
 def streams_from_disk(model: nn.Module) -> bool:
     """True when the model's blocks live in safetensors shards (out-of-core), not in memory."""
-    s = streamer_of(model)
-    return s is not None and any(t.file is not None for slot in s.slots.values() for t in slot.tensors)
+    return from_disk(model)
 
 
 def save_streamed(model: nn.Module, dest: Path, edit: Callable[[int, nn.Module], None] | None = None) -> int:
