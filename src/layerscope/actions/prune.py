@@ -31,6 +31,7 @@ from layerscope.engine.removal import (
     zero_sublayers,
 )
 from layerscope.errors import LayerscopeError
+from layerscope.model.offload_write import save_streamed, streams_from_disk
 from layerscope.plans.prune import PrunePlan, resolve_plan
 from layerscope.results import Result
 
@@ -152,12 +153,21 @@ def write_pruned(model: nn.Module, tokenizer: Any, plan: PrunePlan, out: str | P
             prov["block_map"] = {str(j): i for j, i in enumerate(keep)}  # new index -> source index
             prov["load"] = "transformers.AutoModelForCausalLM.from_pretrained(DIR) (a standard model)"
         else:
-            zeroed = zero_sublayers(model, unit, removed)
+            # out-of-core: each block is zeroed while it is loaded for writing (the list fills then)
+            zeroed = [] if streams_from_disk(model) else zero_sublayers(model, unit, removed)
             prov["skipped_sublayers"] = {unit: removed}
             prov["zeroed_parameters"] = zeroed
             prov["load"] = ("plain transformers computes the pruned network with zeroed output projections; "
                             "layerscope.load(DIR) skips the sublayers' computation")
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if streams_from_disk(model):
+            def edit(j, block):
+                if unit != "block" and j in removed:
+                    zeroed.extend(zero_sublayers(model, unit, [j]))
+
+            save_streamed(model, tmp, edit)
+            prov["written"] = "shard by shard (out-of-core: one block in memory at a time)"
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         prov["side_files"] = _copy_side_files(source_dir, tokenizer, tmp)
         if unit == "block":
             (tmp / MERGEKIT_YAML).write_text(
@@ -172,7 +182,7 @@ def write_pruned(model: nn.Module, tokenizer: Any, plan: PrunePlan, out: str | P
 
 def prune(model: Any = None, plan: PrunePlan | str | Path | None = None, *, out: str | Path, force: bool = False,
           trust_remote_code: bool = False, device: str | None = None, dtype: Any = None,
-          **request: Any) -> PruneResult:
+          offload: bool | None = None, **request: Any) -> PruneResult:
     """Apply a PrunePlan to `model` and write the pruned model to `out`.
 
     `plan` is a PrunePlan or a plan file; without one, `request` (remove, unit, by, scores, units,
@@ -188,12 +198,13 @@ def prune(model: Any = None, plan: PrunePlan | str | Path | None = None, *, out:
         plan = PrunePlan.from_file(plan)
     loaded = None
     if plan is None:
-        plan, loaded = resolve_plan(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
+        plan, loaded = resolve_plan(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                                    offload=offload, **request)
     elif request:
         raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
     if loaded is None:
         loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=dtype or source_dtype(source_dir),
-                            device=device)
+                            device=device, offload=offload)
     if plan.weights_sha256 and loaded.weights_sha256 and plan.weights_sha256 != loaded.weights_sha256:
         raise LayerscopeError(f"the plan was made for other weights (sha256 {plan.weights_sha256[:12]}… vs "
                               f"{loaded.weights_sha256[:12]}…)")

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     exits, aborts, usage, no_args = _click_exceptions()
     debug = os.environ.get("LAYERSCOPE_DEBUG") == "1"
-    args = sys.argv[1:] if argv is None else list(argv)
+    from layerscope.cli.parsers import with_optional_values
+
+    args = with_optional_values(sys.argv[1:] if argv is None else list(argv))  # `--ray` with no address
     if "--allow-missing" in args[1:]:  # a global option; also accepted after the verb
         args = ["--allow-missing", *[a for a in args if a != "--allow-missing"]]
     try:

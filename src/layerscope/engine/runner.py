@@ -82,8 +82,18 @@ class BlockRunner:
         self._returns_tuple: bool | None = None
         self._configs = _model_configs(parts)  # walked once: forward_block runs thousands of times
         self._default_impl = next((c._attn_implementation for c in self._configs if c._attn_implementation), "eager")
-        self.device = next(self.model.parameters()).device
-        self.dtype = next(self.model.parameters()).dtype
+        from layerscope.model.offload import streamer_of
+
+        self.streamer = streamer_of(self.model)
+        first = next(self.model.parameters())
+        # Inputs go where the embeddings are; outputs (logits) and targets live on the compute device.
+        self.input_device = first.device
+        self.device = self.streamer.device if self.streamer is not None else first.device
+        self.dtype = first.dtype
+        if self.streamer is not None and batches:
+            width = getattr(getattr(self.model, "config", None), "hidden_size", None) or first.shape[-1]
+            n = sum(int(next(iter(b.values())).numel()) for b in batches)
+            self.streamer.plan_activations(3 * n * int(width) * first.element_size())
 
     # ------------------------------------------------------------------ capture
     def _impl(self, batch: Batch) -> str:
@@ -91,7 +101,7 @@ class BlockRunner:
 
     def _call_base(self, inputs: dict[str, torch.Tensor]) -> None:
         base = self.parts.base_model()
-        kwargs = {k: v.to(self.device) for k, v in inputs.items()}
+        kwargs = {k: v.to(self.input_device) for k, v in inputs.items()}
         try:
             base(**kwargs, use_cache=False)
         except TypeError as exc:
@@ -144,7 +154,11 @@ class BlockRunner:
         for i, b in enumerate(blocks):
             b.forward = make_recorder(i)
         try:
-            self._call_base(inputs)
+            if self.streamer is not None:
+                with self.streamer.paused():  # recording block inputs loads no block weights
+                    self._call_base(inputs)
+            else:
+                self._call_base(inputs)
         except _StopForward:
             pass
         finally:

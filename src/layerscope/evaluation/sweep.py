@@ -212,11 +212,13 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
               table: Any = None, protocol: Any = None, ids: Any = None, greedy_tokens: int = 2048,
               greedy_data: str = "wikipedia", greedy_split: str = "calibration", seed: int = 0,
               model_id: str = "", weights_sha256: str | None = None,
-              log: Callable[[str], None] | None = None, checkpoint: Any = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, checkpoint: Any = None,
+              ray: str | None = None) -> dict[str, Any]:
     """Perplexity after removing the first K units of each ordering, for every K in `ks`.
 
     With a `checkpoint` (layerscope.checkpoint) every perplexity and the greedy order are saved as
-    they finish; a resumed sweep reuses them (the same numbers as an uninterrupted run)."""
+    they finish; a resumed sweep reuses them (the same numbers as an uninterrupted run).
+    ray: evaluate the sweep's points as Ray tasks ("local" cluster or an address); same numbers."""
     from layerscope import __version__
     from layerscope.engine.removal import check_unit, removed
     from layerscope.evaluation.perplexity import (
@@ -256,6 +258,21 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
                 checkpoint.put("perplexity", {",".join(map(str, k)): v for k, v in cache.items()})
         return cache[key]
 
+    pool = None
+    if ray:
+        from layerscope.engine.ray_pool import WorkerPool
+
+        pool = WorkerPool((model, ids, protocol, unit), ray)
+
+    def prefetch(orders_: Sequence[Sequence[int]], extra: Sequence[tuple[int, ...]] = ()) -> None:
+        """With Ray: evaluate every point of these orders that is not cached yet, in parallel."""
+        keys = {tuple(sorted(o[:k])) for o in orders_ for k in ks if len(o) >= kmax} | set(extra)
+        todo = sorted(keys - set(cache))
+        if pool is not None and todo:
+            cache.update(zip(todo, pool.map(_ppl_point, todo)))
+            if checkpoint is not None:
+                checkpoint.put("perplexity", {",".join(map(str, k)): v for k, v in cache.items()})
+
     def curve(order: Sequence[int]) -> list[float]:
         if len(order) < kmax:
             raise LayerscopeError(f"an ordering ranks only {len(order)} units; the sweep removes up to {kmax}")
@@ -286,6 +303,8 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
         "layerscope_version": __version__, "seed": seed,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if pool is not None:
+        prefetch(_planned_orders(expanded, table, unit, n_units, seed), extra=[()])
     say(f"baseline perplexity: {ppl(()):.4f} ({protocol.describe()})")
     result["baseline"] = ppl(())
 
@@ -316,6 +335,7 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
                 raise LayerscopeError("'reverse' is the reverse of the best metric order: list at least one metric")
             base = min(metric_curves, key=lambda c: sum(math.log(y) for y in metric_curves[c]))
         order = list(reversed(table.ranking(base)))
+        prefetch([order])
         ys = curve(order)
         result["curves"].append({"label": f"reverse:{base}", "kind": "reverse", "of": base, "order": order,
                                  "perplexity": ys})
@@ -355,12 +375,38 @@ def run_sweep(model: Any, tokenizer: Any, *, unit: str = "block", ks: Sequence[i
             info = {"source": "computed (greedy ablation)", "selection_data": f"{greedy_data}:{greedy_split}",
                     "selection_tokens": int(gids.numel()), "selection_seq_len": seq,
                     "selection_nll": g["selection_nll"], "selection_baseline_nll": g["baseline_nll"]}
+        prefetch([order])
         ys = curve(order)
         result["greedy"] = {**info, "order": order[:kmax], "perplexity": ys}
         say("greedy: " + " ".join(f"{y:.3f}" for y in ys))
+    if pool is not None:
+        pool.close()
     result["evaluations"] = len(cache)
     result["wall_time_s"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+def _ppl_point(payload: tuple, key: tuple[int, ...]) -> float:
+    """One sweep point on a Ray worker: perplexity of the model without units `key`."""
+    from layerscope.engine.removal import removed
+    from layerscope.evaluation.perplexity import perplexity
+
+    model, ids, protocol, unit = payload
+    with removed(model, unit, key):
+        return perplexity(model, ids=ids, protocol=protocol).perplexity
+
+
+def _planned_orders(expanded: list[OrderSpec], table: Any, unit: str, n_units: int, seed: int) -> list[list[int]]:
+    """The metric and random orders a sweep will evaluate (known before any perplexity)."""
+    out: list[list[int]] = []
+    for o in expanded:
+        if o.kind == "metric" and table is not None:
+            col = table.column(o.arg, unit)
+            if col.direction is not None:
+                out.append(table.ranking(col.name))
+        elif o.kind == "random":
+            out += _random_orders(n_units, int(o.arg or 5), seed)
+    return out
 
 
 # ------------------------------------------------------------------------------ chart

@@ -22,6 +22,11 @@ from layerscope.metrics import (
 )
 from layerscope.metrics.table import Provenance, ScoreColumn, ScoreTable
 from layerscope.model.adapter import ModelParts, find_parts
+from layerscope.model.offload import block_resident, from_disk, streamer_of, unstream
+
+
+# Metrics that back-propagate through (or read) every block at once: not computed out-of-core.
+NEEDS_ALL_WEIGHTS = ("taylor", "fisher", "grad_norm", "weight_norm", "relevance")
 
 
 def resolve_metrics(names: Iterable[str] | str | None) -> list[str]:
@@ -146,11 +151,13 @@ def scan(
     options: dict[str, Any] | None = None,
     device: str | None = None,
     dtype: Any = None,
+    offload: bool | None = None,
 ) -> ScoreTable:
     """Score every block, attention/MLP sublayer and head of `model` in one block-sequential pass.
 
     model: local directory, hub id, 'smollm2'/'gemma3'/'minilm', None (the embedded default) or a loaded
-    transformers model (then pass `tokenizer` for text data). data: 'wikipedia' (default),
+    transformers model (then pass `tokenizer` for text data). offload: stream each block from the
+    safetensors shards when it runs (True), never (False), or when the weights do not fit in memory (None). data: 'wikipedia' (default),
     'shakespeare', a .txt/.jsonl/.csv path, a list of strings, or an int tensor [N, T] of token ids.
     """
     t0 = time.perf_counter()
@@ -159,7 +166,7 @@ def scan(
     if model is None or isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         from layerscope.model.loading import load_model
 
-        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype, offload=offload)
         model, model_id, weights_sha = loaded.model, loaded.model_id, loaded.weights_sha256
         source_tokenizer = tokenizer or loaded.tokenizer
         load_warnings = loaded.warnings
@@ -171,9 +178,15 @@ def scan(
 
     instances: list[Metric] = []
     skipped: dict[str, str] = {}
+    streamed = from_disk(model)
+    moved = unstream(model) if any(n in NEEDS_ALL_WEIGHTS for n in names) else None  # GPU path, in RAM
+    if moved:
+        parts.notes.append(moved)
     for n in names:
         cls = METRICS[n]
         why = cls.unavailable(parts) if hasattr(cls, "unavailable") else None
+        if streamed and n in NEEDS_ALL_WEIGHTS:
+            why = "needs every block's weights at once (gradients): not available out-of-core (--no-offload)"
         if why:
             skipped[n] = why
         else:
@@ -220,8 +233,9 @@ def scan(
             for b, h in enumerate(hidden):
                 runner.check_finite(h, "the embedding output")
         for i in range(L):
-            for m in instances:
-                m.observe_weights(i)
+            with block_resident(model, i):  # out-of-core: block i's weights are read from the shards now
+                for m in instances:
+                    m.observe_weights(i)
             if runner is not None:
                 hidden = _run_block(runner, parts, i, hidden, needs, data_metrics)
             for m in instances:
@@ -250,6 +264,10 @@ def scan(
         notes=[*load_warnings, *parts.notes],
         skipped=skipped,
     )
+    streamer = streamer_of(model)
+    if streamer is not None:
+        streamer.release()
+        prov.notes.append(f"weights streamed block by block: {streamer.note} ({streamer.loads} block loads)")
     if eager:
         prov.notes.append(f"per-head attention statistics use the first {attn_seqs} sequences with eager attention")
     table = ScoreTable(provenance=prov)

@@ -185,8 +185,13 @@ def load_model(
     device: str | None = None,
     tokenizer: bool = True,
     allow_missing: bool | None = None,
+    offload: bool | None = None,
 ) -> LoadedModel:
-    """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, gemma3, minilm)."""
+    """Load a model (and tokenizer) from a local directory, a hub id, or an alias (smollm2, gemma3, minilm).
+
+    offload: True streams every block from the safetensors shards when it runs (out-of-core), None
+    chooses that when the weights do not fit the available memory (`model.offload`). A GPU
+    `device` holds only the running block (and the head while scoring)."""
     import transformers
 
     model_id, path = resolve(spec)
@@ -207,6 +212,19 @@ def load_model(
     dtype = resolve_dtype(dtype)
     kwargs = dict(config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True,
                   output_loading_info=True)
+    from layerscope.model import offload as off
+
+    dev = resolve_device(device) if device else None
+    force = offload if offload is not None else off.offload_env_default()
+    streamed, why = off.choose_offload(files, dtype or torch.float32, force) if files else (False, "")
+    if streamed:
+        model = off.load_streamed(cls, config, files, dtype=dtype or torch.float32, device=dev or "cpu",
+                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                                  note=why)
+        tok = load_tokenizer(source, path, trust_remote_code=trust_remote_code) if tokenizer else None
+        return LoadedModel(model=model, tokenizer=tok, model_id=model_id, path=path, weights_sha256=weights_hash(files))
+    if offload and not files:
+        raise LayerscopeError(f"--offload needs a local model directory with safetensors shards ({model_id})")
     try:
         try:
             model, info = cls.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
@@ -224,8 +242,8 @@ def load_model(
         model, info = cls.from_pretrained(source, attn_implementation="eager", ignore_mismatched_sizes=True, **kwargs)
     load_warnings = check_loading_info(info, model_id, allow_missing)
     model.eval()
-    if device:
-        model.to(resolve_device(device))
+    if dev and dev != "cpu":
+        off.attach(model, dev, note=f"{dev}: one block at a time ({why})")
     tok = None
     if tokenizer:
         tok = load_tokenizer(source, path, trust_remote_code=trust_remote_code)

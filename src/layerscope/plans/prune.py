@@ -160,7 +160,8 @@ def plan_prune(model: Any = None, **request: Any) -> PrunePlan:
 def resolve_plan(model: Any = None, *, remove: int | None = None, unit: str = "block", by: str | None = None,
                  scores: Any = None, units: str | Sequence[int] | None = None, iterative: bool = False,
                  scan_options: dict[str, Any] | None = None, trust_remote_code: bool = False,
-                 loaded: Any = None, device: str | None = None, dtype: Any = None) -> tuple[PrunePlan, Any]:
+                 loaded: Any = None, device: str | None = None, dtype: Any = None,
+                 offload: bool | None = None) -> tuple[PrunePlan, Any]:
     """`plan_prune`, also returning the loaded model (None when the plan came from a table alone)."""
     from layerscope.metrics.table import ScoreTable
     from layerscope.model.loading import (
@@ -213,7 +214,7 @@ def resolve_plan(model: Any = None, *, remove: int | None = None, unit: str = "b
             check_count(int(remove), n_cfg, unit)
     if loaded is None:
         loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=dtype or source_dtype(source_dir),
-                            device=device)
+                            device=device, offload=offload)
     if table is not None:
         table.check_same_model(loaded.weights_sha256, num_units(loaded.model, unit), where=source_src)
     n = num_units(loaded.model, unit)

@@ -12,6 +12,7 @@ from layerscope.cli.parsers import (
     Dtype,
     Force,
     ModelArg,
+    Offload,
     PlanFile,
     TrustRemoteCode,
 )
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
         device: Device = "cpu",
         dtype: Dtype = None,
+        offload: Offload = None,
         trust_remote_code: TrustRemoteCode = False,
     ) -> None:
         """Remove K blocks, attention or MLP sublayers (least important by a metric) and write a model directory."""
@@ -61,10 +63,10 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--out is required (or --dry-run to print the plan)")
         if the_plan is not None:
             res = prune(model, the_plan, out=out, force=force, trust_remote_code=trust_remote_code,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, offload=offload)
         else:
             res = prune(model, out=out, force=force, trust_remote_code=trust_remote_code, device=device,
-                        dtype=dtype, **request)
+                        dtype=dtype, offload=offload, **request)
         sel = res.provenance["selection"]
         how = f"by {sel['by']} ({sel['method']})" if sel["by"] and sel["method"] != "explicit" else "as listed"
         noun = "blocks" if res.unit == "block" else f"{res.unit} sublayers"

@@ -11,8 +11,10 @@ from layerscope.cli.parsers import (
     Dtype,
     Force,
     ModelArg,
+    Offload,
     Options,
     Quiet,
+    RayAddress,
     Seed,
     TrustRemoteCode,
 )
@@ -50,6 +52,8 @@ def register(app: typer.Typer) -> None:
                                     "(ablation) from the checkpoint in --out; same numbers as an uninterrupted run."),
         device: Device = "cpu",
         dtype: Dtype = None,
+        offload: Offload = None,
+        ray: RayAddress = None,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Quiet = False,
     ) -> None:
@@ -65,6 +69,11 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--tokens, --seq-len, --batch-size and --lens-tokens must be positive")
         names = resolve_metrics(metrics)
         options = key_values(option)
+        if ray:  # ablation units run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
+            options["ray"] = ray
         _, model_dir = resolve(model)
         check_output(out, force=force, sources=(model_dir,))  # before the work, not after it
         checkpoint = None
@@ -82,7 +91,8 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--resume continues a scan with --metrics ablation; this scan has nothing to resume")
         table = scan(model, data, names, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                      attn_seqs=attn_seqs, lens_tokens=lens_tokens, seed=seed, options=options,
-                     trust_remote_code=trust_remote_code, progress=not quiet, device=device, dtype=dtype)
+                     trust_remote_code=trust_remote_code, progress=not quiet, device=device, dtype=dtype,
+                     offload=offload)
         paths = write_scan_outputs(table, out, model_dir, force=force)
         if checkpoint is not None:
             checkpoint.remove()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from layerscope.cli.parsers import Device, Dtype, Force, Quiet, TrustRemoteCode
+from layerscope.cli.parsers import Device, Dtype, Force, Offload, Quiet, RayAddress, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
                                     "--out (same numbers as an uninterrupted run)."),
         device: Device = "cpu",
         dtype: Dtype = None,
+        offload: Offload = None,
+        ray: RayAddress = None,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Quiet = False,
     ) -> None:
@@ -51,6 +53,10 @@ def register(app: typer.Typer) -> None:
         from layerscope.plans.prune import metric_for_column as source_metric
 
         check_unit(unit)
+        if ray:  # the sweep's points run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
         specs = sw.parse_orders(orders)
         protocol = PerplexityProtocol(dataset=dataset, split=split, context_length=context,
                                       stride=stride or context, max_tokens=tokens, batch_size=batch_size)
@@ -70,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
                 raise LayerscopeError(f"unknown metric '{s.arg}' (known: {', '.join(sorted(METRICS))}; or pass --scores)")
         loaded = load_model(model, trust_remote_code=trust_remote_code, dtype=dtype or source_dtype(source_dir),
-                            device=device)
+                            device=device, offload=offload)
         from layerscope.engine.removal import num_units
 
         ks = sw.parse_range(remove, num_units(loaded.model, unit), unit)
@@ -101,7 +107,7 @@ def register(app: typer.Typer) -> None:
         res = sw.run_sweep(loaded.model, loaded.tokenizer, unit=unit, ks=ks, orders=specs, table=table,
                            protocol=protocol, greedy_tokens=greedy_tokens, greedy_data=greedy_data, seed=seed,
                            model_id=loaded.model_id, weights_sha256=loaded.weights_sha256, log=log,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, ray=ray)
         written = write_sweep_outputs(res, table, out, force, sources=(source_dir,))
         checkpoint.remove()
         typer.echo(f"wrote {', '.join(str(p) for p in written)}")

@@ -397,7 +397,12 @@ class Ablation(Metric):
         if ckpt is not None:  # a resumed run must see the same tokens, units and weights
             ckpt.require_same("inputs", {"data": desc, "units": list(units), "weights": opts.get("weights_sha256"),
                                          "tokens": ids_digest(runner.batches), "greedy": opts.get("ablation_greedy", 0)})
-        res = leave_one_out(runner, units, checkpoint=ckpt)
+        if opts.get("ray"):  # the same numbers, units fanned out over Ray workers (no per-batch checkpoint)
+            from layerscope.metrics.ground_truth.ablation_parallel import leave_one_out_ray
+
+            res = leave_one_out_ray(runner, units, str(opts["ray"]))
+        else:
+            res = leave_one_out(runner, units, checkpoint=ckpt)
         greedy_steps = int(opts.get("ablation_greedy", 0) or 0)
         greedy = ckpt.get("greedy") if ckpt is not None else None
         if greedy is None and greedy_steps > 0:

@@ -26,6 +26,7 @@ from layerscope.compress.quant import Scheme, check_linear, check_scheme, fake_q
 from layerscope.errors import LayerscopeError
 from layerscope.evaluation.scoring import OutputHead, ReferenceScorer
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
+from layerscope.model.offload import make_resident
 
 
 def schemes_from_options(options: dict[str, Any]) -> list[Scheme]:
@@ -123,8 +124,9 @@ class QuantSensitivity(Metric):
             raise LayerscopeError("quant_sensitivity must see every block from the first one")
         ref = self._reference(obs.batch_index, obs.h_in, batch)
         linears = self.ctx.parts.block_linears(obs.index)
-        original = {n: m.weight.data for n, m in linears.items()}
         for s in self.schemes:
+            make_resident(self.ctx.parts.model, obs.index)  # out-of-core: the suffix run freed this block
+            original = {n: m.weight.data for n, m in linears.items()}
             try:
                 for n, m in linears.items():
                     m.weight.data = self.qweights[s][n]
