@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import sys
+
+import numpy as np
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,9 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         grid = sp.candidate_levels(sparsity, level_step, level_span)
         say(f"exact: measuring each block's loss at sparsity {grid} with {method} ({ids.numel()} calibration tokens)")
         curves = loss_curves(parts, ids, method, pattern, grid, damp=damp, log=say)
+        # pruning more never helps: the measured curve is made non-decreasing in sparsity (a dip at a higher level
+        # is measurement noise on a few batches and would pull the plan past the budget's sparsity)
+        curves = [[float(x) for x in np.maximum.accumulate(np.asarray(c, dtype=float))] for c in curves]
         units = [sp_unit(UnitOptions, i, grid, curves[i], bp[i]) for i in range(L)]
         cap = (1 - sparsity) * sum(bp)
         alloc = allocate_exact(units, cap * (1 + 1e-9))
@@ -203,7 +208,7 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         predicted = alloc.predicted_loss
         uni = evaluate_choice(units, [min(grid, key=lambda g: abs(g - sparsity))] * L)
         loss_model = ("relative block-output error Σ‖B̂(h)−B(h)‖²/Σ‖B(h)‖² of each block pruned alone by "
-                      f"{method} (dense inputs), summed over blocks")
+                      f"{method} (dense inputs), made non-decreasing in sparsity, summed over blocks")
         notes.append(f"predicted total loss {predicted:.5f} vs {uni.predicted_loss:.5f} for uniform on the same model")
         score_row = [float(c[grid.index(s)]) for c, s in zip(curves, levels)]
     plan = sp.SparsifyPlan(
