@@ -100,7 +100,18 @@ def lm_windows(tokenizer: Any, name: str, split: str, n: int, seq_len: int) -> t
     else:
         _split_name(split)
         texts = _file_texts(name, split)
-    return tokenize_windows(tokenizer, texts, n_tokens=n * seq_len, seq_len=seq_len)
+    from layerscope.data.windows import count_tokens
+
+    eos = 1 if getattr(tokenizer, "eos_token_id", None) is not None else 0
+    total = 0
+    for t in texts:  # documents are joined with EOS; stop counting once there is enough
+        total += count_tokens(tokenizer, [t]) + eos
+        if total >= n * seq_len:
+            break
+    have = total // seq_len
+    if have < 1:
+        raise LayerscopeError(f"task text too short: {name} ({split}) holds less than one window of {seq_len} tokens")
+    return tokenize_windows(tokenizer, texts, n_tokens=min(n, have) * seq_len, seq_len=seq_len)
 
 
 def answer_ids(tokenizer: Any, answers: dict[str, str] | None = None) -> dict[str, int]:

@@ -141,6 +141,8 @@ def plan_finetune(model, tokenizer=None, *, method: str, by: str | None = None, 
     if plan.method not in METHODS:
         plan.check()
     L = len(block_list(model))
+    if plan.method in ("lisa", "lisa-importance", "ist") + SELECTIVE and not layers and plan.n_layers > L:
+        raise LayerscopeError(f"{plan.method} asks for {plan.n_layers} active blocks but the model has {L}")
     needs = plan.method == "lisa-importance" or (plan.method in SELECTIVE and not layers and select != "random") \
         or (plan.rank_by_score and plan.method == "lora-selected")
     if needs and not by:
