@@ -44,7 +44,7 @@ def run_row(plan_path: str, model: str) -> dict:
     from layerscope.plans.finetune import FinetunePlan
 
     plan = FinetunePlan.from_file(plan_path)
-    res = finetune(model, plan, progress=False)
+    res = finetune(model, plan, progress=False, baseline=False)  # the parent measured the baseline once
     return res.to_dict()
 
 

@@ -124,9 +124,11 @@ def train(model: torch.nn.Module, tokenizer: Any, plan: FinetunePlan, ckpt_dir: 
 
 def finetune(model: Any = None, plan: FinetunePlan | None = None, out: str | Path | None = None, *,
              tokenizer: Any = None, resume: bool = False, progress: bool = True, force: bool = False,
-             evaluate: bool = True, keep_checkpoints: bool = False, device: str | None = None, dtype: Any = None,
-             trust_remote_code: bool = False, extra_callbacks: tuple = ()):
-    """Fine-tune `model` with `plan`, evaluate the task and forgetting, and write the result to `out` (if given)."""
+             evaluate: bool = True, baseline: bool = True, keep_checkpoints: bool = False,
+             device: str | None = None, dtype: Any = None, trust_remote_code: bool = False,
+             extra_callbacks: tuple = ()):
+    """Fine-tune `model` with `plan`, evaluate the task (before too, with `baseline`) and forgetting, and write the
+    result to `out` (if given)."""
     from layerscope.actions.finetune.result import FinetuneResult
     from layerscope.data.tasks import forgetting, task_dataset, task_metric
     from layerscope.model.subject import load_subject
@@ -146,7 +148,7 @@ def finetune(model: Any = None, plan: FinetunePlan | None = None, out: str | Pat
         out = claim_output(out, ["checkpoints"], verb="finetune", force=force, sources=(subject.model_dir,))
         ckpt = out / "checkpoints"
     held = task_dataset(plan.data, tok, "eval", n=plan.eval_examples, seq_len=plan.seq_len, seed=plan.seed)
-    base_metric = task_metric(subject.model, plan.data, tok, data=held).to_dict() if evaluate else None
+    base_metric = task_metric(subject.model, plan.data, tok, data=held).to_dict() if evaluate and baseline else None
     trained, info = train(subject.model, tok, plan, ckpt, resume=resume, progress=progress,
                           extra_callbacks=extra_callbacks)
     is_peft = trained is not subject.model
