@@ -190,9 +190,10 @@ def print_memory_claim(gamma: int, model: str) -> None:
     L = len(blocks)
     print(f"## memory claim (Adam state, fp32): {L} blocks of {blocks[0] / 2**20:.1f} MiB each, embeddings + final "
           f"norm + head (tied) {outside / 2**20:.1f} MiB")
-    print(f"  LISA, gamma={gamma} of {L}, state trimmed on every switch: {(gamma * blocks[0] + outside) / 2**20:.1f} MiB")
-    print(f"  LMFlow-style LISA after every block has been active once, and full fine-tuning: "
-          f"{(sum(blocks) + outside) / 2**20:.1f} MiB")
+    lisa, full = gamma * blocks[0] + outside, sum(blocks) + outside
+    print(f"  LISA, gamma={gamma} of {L}, state trimmed on every switch: {lisa} bytes ({lisa / 2**20:.1f} MiB)")
+    print(f"  LMFlow-style LISA after every block has been active once, and full fine-tuning: {full} bytes "
+          f"({full / 2**20:.1f} MiB); ratio {full / lisa:.2f}x")
 
 
 if __name__ == "__main__":
