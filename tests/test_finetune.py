@@ -108,7 +108,7 @@ class _Interrupt(TrainerCallback):
 @pytest.mark.parametrize("method", ["lisa", "ist"])
 def test_resume_after_interrupt_gives_the_same_final_weights(corpus, method, tmp_path):
     tok = tiny_tokenizer()
-    plan = _plan(corpus, method)
+    plan = _plan(corpus, method, steps=4)
     whole = finetune(build("llama"), plan, tmp_path / "a", tokenizer=tok, progress=False, evaluate=False)
     with pytest.raises(KeyboardInterrupt):
         finetune(build("llama"), plan, tmp_path / "b", tokenizer=tok, progress=False, evaluate=False,
