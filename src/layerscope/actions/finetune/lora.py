@@ -15,6 +15,14 @@ from torch import nn
 from layerscope.errors import LayerscopeError
 
 
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise LayerscopeError("LoRA plans need PEFT: pip install 'layerscope[peft]'") from None
+    return peft
+
+
 def lora_targets(model: nn.Module) -> tuple[list[str], str]:
     """(leaf names of the blocks' linear layers, the name of the block list) for PEFT."""
     from layerscope.model.adapter import find_parts
@@ -29,8 +37,7 @@ def lora_targets(model: nn.Module) -> tuple[list[str], str]:
 def lora_config(model: nn.Module, layers: Sequence[int] | None = None, rank: int = 8, alpha: float = 16.0,
                 weights: Sequence[float] | None = None, dropout: float = 0.0):
     """A PEFT LoraConfig for `layers` (None: every block), ranks scaled by `weights` when given."""
-    from peft import LoraConfig
-
+    LoraConfig = _peft().LoraConfig
     targets, pattern = lora_targets(model)
     rank_pattern, alpha_pattern = {}, {}
     if weights is not None:
@@ -50,9 +57,7 @@ def lora_config(model: nn.Module, layers: Sequence[int] | None = None, rank: int
 
 
 def wrap_lora(model: nn.Module, config) -> nn.Module:
-    from peft import get_peft_model
-
-    return get_peft_model(model, config)
+    return _peft().get_peft_model(model, config)
 
 
 def adapted_layers(peft_model: nn.Module) -> list[int]:
