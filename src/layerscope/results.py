@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "layerscope.quantize": "layerscope.actions.quantize:QuantizeResult",
     "layerscope.sparsify": "layerscope.actions.sparsify:SparsifyResult",
     "layerscope.lowrank": "layerscope.actions.lowrank:LowrankResult",
+    "layerscope.finetune": "layerscope.actions.finetune.result:FinetuneResult",
 }
 __doc__ += "".join(f"\n* ``{k}`` -- `{v.replace(':', '.')}`" for k, v in KINDS.items()) + "\n"
 
