@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "layerscope.sweep": "layerscope.evaluation.sweep:RemovalSweep",
     "layerscope.prune": "layerscope.actions.prune:PruneResult",
     "layerscope.quantize": "layerscope.actions.quantize:QuantizeResult",
+    "layerscope.merge": "layerscope.actions.merge.apply:MergeResult",
 }
 __doc__ += "".join(f"\n* ``{k}`` -- `{v.replace(':', '.')}`" for k, v in KINDS.items()) + "\n"
 

@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 # Verb modules (the CLI's registry), in the order `--help` lists them.
-COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "report")
+COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "merge", "report")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"layerscope.cli.commands.{_name}").register(app)

@@ -29,6 +29,7 @@ BUILTIN: tuple[tuple[str, str, str, int, bool], ...] = (
     ("lens", "Logit lens vs tuned lens", "layerscope.report.sections.lens:render", 72, True),
     ("neurons", "Neuron decoding", "layerscope.report.sections.neurons:render", 73, True),
     ("steer", "Steering at the depth that knows", "layerscope.report.sections.steer:render", 74, True),
+    ("merge", "Merging by layer: coefficients over depth", "layerscope.report.sections.merge:render", 76, True),
     ("quantization", "Mixed-precision quantization", "layerscope.report.sections.quantization:render", 80, False),
     ("definitions", "Metric definitions and references", "layerscope.report.sections.definitions:render", 900, False),
 )
