@@ -116,7 +116,7 @@ def run_merge(method: str, scheme: str, fts: dict, args, scores: dict) -> dict:
                                                                                "best_heldout_entropy", "columns")}}
     row["coefficients"] = res.record["plan"]["coefficients"]
     row.update(evaluate_dir(out, args))
-    if args.mergekit and (res.record["mergekit"]["exact"] or method == "dare_ties"):
+    if args.mergekit and name in args.mergekit_for.split(","):
         row["mergekit"] = mergekit_compare(out, args.mergekit, args.cache)
     shutil.rmtree(out, ignore_errors=True)
     return row
@@ -173,6 +173,10 @@ def main() -> int:
     ap.add_argument("--ada-steps", type=int, default=6)
     ap.add_argument("--ada-lr", type=float, default=0.05)
     ap.add_argument("--mergekit", type=Path, default=None, help="venv with mergekit (bin/mergekit-yaml)")
+    ap.add_argument("--mergekit-for", default="task_arithmetic-uniform,task_arithmetic-lines,task_arithmetic-importance,"
+                    "task_arithmetic-importance_scores,task_arithmetic-adamerging,ties-importance,dare_ties-uniform",
+                    help="which merges mergekit rebuilds (each takes minutes on a busy CPU)")
+    ap.add_argument("--no-reference", action="store_true", help="skip base / fine-tuned evaluations (another run does them)")
     ap.add_argument("--table-only", action="store_true", help="print the table from cached evaluations")
     args = ap.parse_args()
     import torch
@@ -188,12 +192,12 @@ def main() -> int:
     prompts = args.cache / "vader_prompts.jsonl"
     if not prompts.exists():
         prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in MT.vader_prompts("calibration", 512)))
-    if "base" not in load_evals(args.cache):
+    if not args.no_reference and "base" not in load_evals(args.cache):
         from layerscope.model.loading import resolve
 
         save_eval(args.cache, "base", evaluate_dir(resolve("smollm2")[1], args))
     for p in fts.values():
-        if f"ft-{p.name}" not in load_evals(args.cache):
+        if not args.no_reference and f"ft-{p.name}" not in load_evals(args.cache):
             save_eval(args.cache, f"ft-{p.name}", evaluate_dir(p, args))
     scores = score_tables(fts, args) if "importance_scores" in schemes else {}
     for m in methods:
