@@ -116,6 +116,7 @@ def run_merge(method: str, scheme: str, fts: dict, args, scores: dict) -> dict:
                                                                                "best_heldout_entropy", "columns")}}
     row["coefficients"] = res.record["plan"]["coefficients"]
     row.update(evaluate_dir(out, args))
+    save_eval(args.cache, name, row)  # the metrics count even if mergekit fails or is slow
     if args.mergekit and name in args.mergekit_for.split(","):
         row["mergekit"] = mergekit_compare(out, args.mergekit, args.cache)
     shutil.rmtree(out, ignore_errors=True)
