@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "layerscope.sparsify": "layerscope.actions.sparsify:SparsifyResult",
     "layerscope.lowrank": "layerscope.actions.lowrank:LowrankResult",
     "layerscope.finetune": "layerscope.actions.finetune.result:FinetuneResult",
+    "layerscope.merge": "layerscope.actions.merge.apply:MergeResult",
 }
 __doc__ += "".join(f"\n* ``{k}`` -- `{v.replace(':', '.')}`" for k, v in KINDS.items()) + "\n"
 

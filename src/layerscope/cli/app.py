@@ -29,7 +29,7 @@ def _global_options(
 
 
 # Verb modules (the CLI's registry), in the order `--help` lists them.
-COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "sparsify", "lowrank", "probe", "lens", "steer", "finetune", "report")
+COMMAND_MODULES = ("scan", "assets", "agree", "prune", "eval", "sweep", "quantize", "sparsify", "lowrank", "probe", "lens", "steer", "finetune", "merge", "report")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"layerscope.cli.commands.{_name}").register(app)

@@ -30,6 +30,7 @@ BUILTIN: tuple[tuple[str, str, str, int, bool], ...] = (
     ("neurons", "Neuron decoding", "layerscope.report.sections.neurons:render", 73, True),
     ("steer", "Steering at the depth that knows", "layerscope.report.sections.steer:render", 74, True),
     ("finetune", "Fine-tuning the layers that matter", "layerscope.report.sections.finetune:render", 76, True),
+    ("merge", "Merging by layer: coefficients over depth", "layerscope.report.sections.merge:render", 76, True),
     ("quantization", "Mixed-precision quantization", "layerscope.report.sections.quantization:render", 80, False),
     ("sparsify", "Sparsity per block", "layerscope.report.sections.sparsify:render", 81, True),
     ("definitions", "Metric definitions and references", "layerscope.report.sections.definitions:render", 900, False),

@@ -1,0 +1,1 @@
+"""Merging fine-tuned models by layer: merge methods (`methods/`), layer schemes (`layers/`), the action (`apply`)."""

@@ -1,0 +1,65 @@
+"""`layerscope merge`: merge fine-tuned models into their base with per-layer coefficients."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from layerscope.cli.parsers import DryRun, Force, PlanFile, TrustRemoteCode
+from layerscope.errors import LayerscopeError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge_cmd(
+        models: Optional[list[str]] = typer.Argument(None, help="BASE FT1 FT2 ...: the base, then the fine-tuned models."),
+        method: str = typer.Option("task_arithmetic", "--method", help="task_arithmetic, ties or dare_ties."),
+        layers: str = typer.Option("uniform", "--layers", help="uniform, lines, importance or adamerging."),
+        lambdas: Optional[str] = typer.Option(None, "--lambdas", help="λ per fine-tuned model, e.g. 0.8,1 (default 1)."),
+        density: float = typer.Option(0.5, "--density", help="ties / dare_ties: share of each task vector kept."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="lines: first-block scale (default: LiNeS's rule)."),
+        beta: Optional[float] = typer.Option(None, "--beta", help="lines: added at the last block (default mean λ − α)."),
+        importance: str = typer.Option("task_vectors", "--importance", help="importance source: task_vectors or scores."),
+        by: str = typer.Option("taylor", "--by", help="importance from scores: the ranked metric column."),
+        scores: Optional[str] = typer.Option(None, "--scores", help="importance from scores: scores.json per model, comma-separated."),
+        data: Optional[str] = typer.Option(None, "--data", help="task data per model, comma-separated (corpus or file)."),
+        entropy: Optional[str] = typer.Option(None, "--entropy", help="adamerging: 'all' or 'last' per model, comma-separated."),
+        steps: int = typer.Option(20, "--steps", help="adamerging: optimiser steps (early stopping on held-out entropy)."),
+        tokens: int = typer.Option(1024, "--tokens", help="tokens per task for scans and AdaMerging."),
+        seed: int = typer.Option(0, "--seed"),
+        plan: PlanFile = None,
+        dry_run: DryRun = False,
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the merged model."),
+        force: Force = False,
+        trust_remote_code: TrustRemoteCode = False,
+    ) -> None:
+        """Merge fine-tuned models into their base: task vectors weighted per layer (LiNeS, importance, AdaMerging)."""
+        from layerscope.actions.merge.apply import merge
+        from layerscope.parsing import number
+        from layerscope.plans.merge import MergePlan, plan_merge
+
+        if plan is not None:
+            if models:
+                raise LayerscopeError("--plan already names the models: drop BASE FT1 ...")
+            the_plan = MergePlan.from_file(plan)
+        else:
+            if not models or len(models) < 2:
+                raise LayerscopeError("give the base model and at least one fine-tuned model: BASE FT1 [FT2 ...]")
+            n = len(models) - 1
+            per = {k: [x.strip() for x in v.split(",")] if v else [None] * n for k, v in (("data", data), ("scores", scores), ("entropy", entropy))}
+            if any(len(v) != n for v in per.values()):
+                raise LayerscopeError(f"--data/--scores/--entropy need one entry per fine-tuned model ({n})")
+            srcs = [{"model": m, **{k: per[k][i] for k in per if per[k][i]}} for i, m in enumerate(models[1:])]
+            lams = [number(x, "--lambdas") for x in lambdas.split(",")] if lambdas else None
+            request = dict(method=method, layers=layers, lambdas=lams, density=density, alpha=alpha, beta=beta,
+                           importance=importance, by=by, steps=steps, tokens=tokens, seed=seed)
+            the_plan = plan_merge(models[0], srcs, **request) if (dry_run or out) else None
+        if dry_run:
+            typer.echo(the_plan.to_yaml(), nl=False)
+            return
+        if out is None:
+            raise LayerscopeError("--out is required (or --dry-run to print the plan)")
+        res = merge(plan=the_plan, out=out, force=force, trust_remote_code=trust_remote_code)
+        typer.echo(res.summary())
+        typer.echo(f"wrote {out} (merge.json, mergekit.yaml, layerscope_plan.yaml, report.html)")
