@@ -404,7 +404,7 @@ def test_eval_cli_records_protocol(models, textfile, tmp_path, monkeypatch, caps
     res = json.loads(out.read_text())
     r = res["perplexity"][0]
     assert r["protocol"] == {"dataset": str(textfile), "split": "evaluation", "context_length": 32, "stride": 16,
-                             "max_tokens": 200, "batch_size": 4}
+                             "max_tokens": 200, "batch_size": 4, "bos_each_window": False}  # this tokenizer adds no BOS
     assert r["tokens_scored"] == 199
     tok = transformers.AutoTokenizer.from_pretrained(src)
     assert r["perplexity"] == pytest.approx(perplexity(load_plain(src), tok, PerplexityProtocol(**r["protocol"])).perplexity)
