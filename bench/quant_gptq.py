@@ -12,7 +12,7 @@ Options: bits {2,3,4,8} x group {32,64,128}; bpw counted in HQQ's storage format
     candidate with its own quantizer (compress.quant_stats; one gradient pass + one statistics pass
     on LAYERSCOPE_BENCH_CALIB_TOKENS calibration tokens, shared by both methods);
   * llama.cpp rule: use_more_bits() blocks get the higher option (RTN), as in bench/quant_allocation.py.
-GPTQ here uses the Hessians of the unquantized model (not sequential), damping 0.01, no act-order.
+GPTQ here uses the Hessians of the unquantized model (not sequential), damping LAYERSCOPE_BENCH_DAMP (0.1), no act-order.
 For the exact rows the predicted ΔNLL (nats/token) is printed next to the measured ln(ppl/ppl_fp32).
 At LAYERSCOPE_BENCH_SAVE_BUDGET (4.0) the GPTQ-exact model is saved as compressed-tensors
 pack-quantized, reloaded with transformers.AutoModelForCausalLM and its logits compared.
@@ -75,18 +75,20 @@ def main() -> None:
     from layerscope.actions.quantize_measured import checkpoint_key
     from layerscope.compress.quant_stats import Checkpoint
 
-    ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}"
-    ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, 0.01, False))
+    damp = float(os.environ.get("LAYERSCOPE_BENCH_DAMP", 0.1))  # quantize's default
+    ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}_damp{damp:g}"
+    ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, damp, False))
     resume = (ck_dir / "candidate_losses.json").is_file()
     only = os.environ.get("LAYERSCOPE_BENCH_MEASURE_BLOCKS")  # "a-b": measure these blocks only, then stop
     if only:
         lo, hi = (int(x) for x in only.split("-"))
         measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume,
-                           keep_hessians=False, only_blocks=lambda i: lo <= i <= hi)
+                           keep_hessians=False, only_blocks=lambda i: lo <= i <= hi, damp=damp)
         log(f"measured blocks {lo}-{hi} into {ck_dir}")
         return
     if calib_tokens:
-        both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume)
+        both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume,
+                                  damp=damp)
     t_measure = time.perf_counter() - t
     log(f"measured {len(both.losses)} layers x {len(both.options)} candidates in {t_measure:.0f} s")
     split = {}

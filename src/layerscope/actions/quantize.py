@@ -44,7 +44,7 @@ def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2
                   by: str = "measured", scores=None, granularity: str = "block", method: str = "rtn",
                   fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
                   device: str | None = None, dtype=None, loaded=None, act_order: bool = False,
-                  damp: float = 0.01) -> QuantPlan:
+                  damp: float = 0.1) -> QuantPlan:
     """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan."""
     return resolve_quant_plan(model, budget=budget, bits=bits, group=group, by=by, scores=scores,
                               granularity=granularity, method=method, fmt=fmt, tokens=tokens, quiet=quiet,
@@ -54,7 +54,7 @@ def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2
 
 def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="measured", scores=None,
                        granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
-                       trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.01,
+                       trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.1,
                        out=None, force=False, resume=False, state=None):
     """`plan_quantize`, also returning (score table used or None, the loaded model)."""
     import datetime as _dt
@@ -183,13 +183,13 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
         if sha and lm.weights_sha256 and sha != lm.weights_sha256:
             raise LayerscopeError(f"the plan was made for other weights (sha256 {sha[:12]}… vs {lm.weights_sha256[:12]}…)")
         if plan.method == "gptq":
-            state = {"options": [], "damp": plan.provenance.get("damp") or 0.01,
+            state = {"options": [], "damp": plan.provenance.get("damp") or 0.1,
                      "act_order": bool(plan.provenance.get("act_order")), "tokens": 2048, "seq_len": 512}
     parts = find_parts(lm.model)
     if (evaluate or plan.method == "gptq") and not parts.has_lm_head:
         raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
     if plan.method == "gptq" and not state.get("tokens"):
-        state.update(tokens=2048, seq_len=512, damp=0.01, act_order=False, options=[])
+        state.update(tokens=2048, seq_len=512, damp=0.1, act_order=False, options=[])
     pre_rounded = lm.model_id == "smollm2"
     evaluations, weights, qweights = [], None, {}
     if evaluate and (state or plan.method == "gptq"):

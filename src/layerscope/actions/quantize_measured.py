@@ -31,7 +31,7 @@ def checkpoint_key(lm, options, tokens: int, seq_len: int, damp: float, act_orde
             "tokens": tokens, "seq_len": seq_len, "damp": damp, "act_order": act_order}
 
 
-def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float = 0.01, act_order: bool = False,
+def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float = 0.1, act_order: bool = False,
             out: Path | None = None, force: bool = False, resume: bool = False, sources: tuple = (),
             log: Callable[[str], None] = lambda m: None, batches=None):
     """CandidateLosses for every (block linear, option); checkpointed in out/checkpoint when `out` is given."""
@@ -55,7 +55,7 @@ def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float 
 
 
 def plan_measured(lm, parts, *, budget: float, options, by: str, fmt: str, tokens: int, seq_len: int = 512,
-                  damp: float = 0.01, act_order: bool = False, out=None, force=False, resume=False, sources=(),
+                  damp: float = 0.1, act_order: bool = False, out=None, force=False, resume=False, sources=(),
                   log=lambda m: None):
     """(plan, state) for --by measured | uniform with any method (gptq included)."""
     from layerscope.plans.allocate import model_layers
