@@ -53,8 +53,9 @@ class OutputHead:
     """Final norm + output head (+ the family's logit soft-capping), evaluated on chunks of positions."""
 
     def __init__(self, final_norm: nn.Module | None, head: nn.Module, softcap: float | None = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, proj: nn.Module | None = None):
         self.final_norm = final_norm
+        self.proj = proj  # between the final norm and the head (OPT-350m's project_out)
         self.head = head
         self.softcap = softcap or None
         weight = getattr(head, "weight", None)
@@ -67,7 +68,7 @@ class OutputHead:
     @classmethod
     def of(cls, parts, **kw) -> "OutputHead":
         cap = getattr(getattr(parts.model, "config", None), "final_logit_softcapping", None)
-        return cls(parts.final_norm, parts.head, cap, **kw)
+        return cls(parts.final_norm, parts.head, cap, proj=getattr(parts, "head_proj", None), **kw)
 
     def chunk_size(self, vocab: int | None = None) -> int:
         v = vocab or self.vocab or 1
@@ -75,6 +76,7 @@ class OutputHead:
 
     def normed(self, h: torch.Tensor) -> torch.Tensor:
         x = self.final_norm(h) if self.final_norm is not None else h
+        x = self.proj(x) if self.proj is not None else x
         return x.to(self.head.weight.dtype) if getattr(self.head, "weight", None) is not None else x
 
     def buffer(self, n: int, device) -> torch.Tensor:
