@@ -16,7 +16,8 @@ import torch
 from layerscope.cli import app as cli
 from tiny_models import save_tiny, tiny_text
 
-MODEL_VERBS = ("scan", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer")
+MODEL_VERBS = ("scan", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "sparsify", "lowrank",
+               "finetune", "merge")
 VERBS = (*MODEL_VERBS, "report", "assets")
 
 
@@ -134,6 +135,13 @@ def base_args(verb: str, model, data: Path, out: Path) -> list:
                  "--out", out],
         "steer": ["steer", model, "--data", data / "labelled.csv", "--n", 40, "--seeds", 1, "--compare", "1",
                   "--layer", 1, "-q", "--out", out],
+        "sparsify": ["sparsify", model, "--sparsity", 0.5, "--tokens", 64, "--seq-len", 16, "--no-eval",
+                     "--no-check-uniform", "-q", "--out", out],
+        "lowrank": ["lowrank", model, "--reduction", 0.2, "--tokens", 64, "--seq-len", 16, "--no-eval",
+                    "--no-check-uniform", "-q", "--out", out],
+        "finetune": ["finetune", model, "--plan", "lisa-importance", "--n-layers", 1, "--data", text, "--steps", 1, "--batch-size", 1,
+                     "--seq-len", 16, "-q", "--out", out],
+        "merge": ["merge", model, model, "--tokens", 32, "--out", out],  # the base and one fine-tuned model
     }[verb]
 
 
@@ -199,6 +207,10 @@ NUMBERS = {
     "probe": [("--n", 0), ("--batch-size", 0)],
     "lens": [("--steps", -1), ("--seq-len", 0)],
     "steer": [("--layer", 99), ("--n", 0)],
+    "sparsify": [("--sparsity", 1.5), ("--tokens", 0)],
+    "lowrank": [("--reduction", 1.0), ("--tokens", 0)],
+    "finetune": [("--steps", 0), ("--n-layers", 99)],
+    "merge": [("--density", 2.0), ("--lambdas", "1,2,3")],
 }
 NAMES = {
     "scan": [("-m", "no_such_metric")],
@@ -210,6 +222,10 @@ NAMES = {
     "probe": [("--pooling", "median")],
     "lens": [("--neurons", "banana")],
     "steer": [("--compare", "banana")],
+    "sparsify": [("--method", "banana"), ("--pattern", "5:4")],
+    "lowrank": [("--method", "banana"), ("--allocation", "banana")],
+    "finetune": [("--plan", "banana"), ("--by", "no_such_metric")],
+    "merge": [("--method", "banana"), ("--layers", "banana")],
 }
 
 
