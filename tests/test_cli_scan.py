@@ -2,24 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from layerscope.cli import app as cli
+from cli_runner import run
 from tiny_models import save_tiny, tiny_text
-
-
-def run(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["layerscope", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerscope.cli import app as cli
+from cli_runner import run
 from tiny_models import save_tiny, tiny_text
 
 
@@ -25,17 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["layerscope", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(code, err, exit_code=2):

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from layerscope.cli import app as cli
+from cli_runner import run
 from tiny_models import save_tiny, tiny_text
 
 MODEL_VERBS = ("scan", "agree", "prune", "eval", "sweep", "quantize", "probe", "lens", "steer", "sparsify", "lowrank",
@@ -30,17 +30,6 @@ def one_thread(monkeypatch):
     monkeypatch.setattr(layerscope.report, "render_report", lambda *a, **k: "<html></html>")
     yield
     torch.set_num_threads(before)
-
-
-def run(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["layerscope", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def snapshot(root: Path) -> dict:

@@ -3,12 +3,11 @@ with --resume, gives exactly the numbers of an uninterrupted run; Ctrl-C exits 1
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from layerscope.cli import app as cli
+from cli_runner import run
 from tiny_models import save_tiny, tiny_text
 
 
@@ -26,17 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["layerscope", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
