@@ -22,9 +22,8 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
-from transformers import TrainerCallback
 
-from layerscope.actions.finetune.layers import LayerGate, base_of, optimizer_state_bytes
+from layerscope.actions.finetune.layers import LayerGate, SwitchingCallback, base_of
 from layerscope.errors import LayerscopeError
 
 
@@ -56,7 +55,7 @@ def suppressed(blocks: torch.nn.ModuleList, which: list[int], factor: float, mod
             u()
 
 
-class IstCallback(TrainerCallback):
+class IstCallback(SwitchingCallback):
     """A `transformers.TrainerCallback`: IST's learned layer importance chooses the blocks that train."""
 
     def __init__(self, dataset: Any, collator: Callable, n_layers: int | None = None, interval: int = 5,
@@ -155,13 +154,6 @@ class IstCallback(TrainerCallback):
             self.gate.set_active(self.draw(step0), optimizer)
             return
         self.switch(state.global_step, optimizer)
-
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step % self.interval == 0 and (not self.history or self.history[-1]["step"] != state.global_step):
-            self.switch(state.global_step, optimizer)
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.peak_state_bytes = max(self.peak_state_bytes, optimizer_state_bytes(optimizer))
 
     def describe(self) -> dict:
         return {"method": "ist", "n_layers": self.n_layers, "interval": self.interval, "trials": self.trials,

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from layerscope.errors import LayerscopeError
 
@@ -106,3 +107,22 @@ def freeze_blocks(model: nn.Module, train: Iterable[int]) -> list[int]:
 
 def trainable_bytes(model: nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
+
+
+class SwitchingCallback(TrainerCallback):
+    """What LISA and IST share: re-draw the active blocks every `interval` steps (subclasses define `switch`,
+    which appends {"step": ...} to `history`) and record the peak optimizer-state bytes."""
+
+    interval: int
+    history: list
+    peak_state_bytes: int
+
+    def switch(self, step: int, optimizer: Any) -> None:
+        raise NotImplementedError
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step % self.interval == 0 and (not self.history or self.history[-1]["step"] != state.global_step):
+            self.switch(state.global_step, optimizer)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.peak_state_bytes = max(self.peak_state_bytes, optimizer_state_bytes(optimizer))

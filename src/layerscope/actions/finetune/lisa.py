@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from transformers import TrainerCallback
 
-from layerscope.actions.finetune.layers import LayerGate, optimizer_state_bytes
+from layerscope.actions.finetune.layers import LayerGate, SwitchingCallback
 from layerscope.errors import LayerscopeError
 
 
@@ -60,7 +59,7 @@ def sampling_probs(weights: np.ndarray | None, num_layers: int, mix: float) -> n
     return (1 - mix) * w / w.sum() + mix * uniform
 
 
-class LisaCallback(TrainerCallback):
+class LisaCallback(SwitchingCallback):
     """A `transformers.TrainerCallback` (also for TRL's SFTTrainer): LISA with uniform or importance sampling."""
 
     def __init__(self, n_layers: int, interval: int = 5, sampling: str = "uniform", table: Any = None,
@@ -102,13 +101,6 @@ class LisaCallback(TrainerCallback):
         if self.gate is None:
             self.setup(model)
         self.switch(state.global_step, optimizer)
-
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step % self.interval == 0 and (not self.history or self.history[-1]["step"] != state.global_step):
-            self.switch(state.global_step, optimizer)
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.peak_state_bytes = max(self.peak_state_bytes, optimizer_state_bytes(optimizer))
 
     def describe(self) -> dict:
         return {"method": "lisa", "sampling": self.sampling, "n_layers": self.n_layers, "interval": self.interval,
