@@ -85,6 +85,16 @@ class Result:
         return res
 
 
+class DictResult(Result):
+    """A result that is built directly as its saved form (a dict): subclasses add `summary_of` and `table_of`."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+
 class SavedResult(Result):
     """A result read back from its JSON: the same summary and report as the live object."""
 

@@ -15,17 +15,11 @@ from typing import Any
 
 from layerscope.errors import LayerscopeError
 from layerscope.plans.lowrank import KEEP_GRID, LowrankPlan, RankEntry
-from layerscope.results import Result
+from layerscope.results import DictResult
 
 
-class LowrankResult(Result):
+class LowrankResult(DictResult):
     kind = "layerscope.lowrank"
-
-    def __init__(self, data: dict):
-        self.data = data
-
-    def to_dict(self) -> dict:
-        return self.data
 
     @classmethod
     def summary_of(cls, d: dict) -> str:

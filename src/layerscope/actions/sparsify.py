@@ -17,19 +17,13 @@ from typing import Any
 
 from layerscope.errors import LayerscopeError
 from layerscope.plans.sparsify import SparsifyPlan
-from layerscope.results import Result
+from layerscope.results import DictResult
 
 
-class SparsifyResult(Result):
+class SparsifyResult(DictResult):
     """What `sparsify` did (sparsify.json): the plan, predicted vs measured loss, evaluations, files."""
 
     kind = "layerscope.sparsify"
-
-    def __init__(self, data: dict):
-        self.data = data
-
-    def to_dict(self) -> dict:
-        return self.data
 
     @classmethod
     def summary_of(cls, d: dict) -> str:
