@@ -13,18 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cli_runner import run
 from tiny_models import save_tiny, tiny_text
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(code, err, exit_code=2):

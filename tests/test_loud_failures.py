@@ -9,12 +9,7 @@ import layerscope
 from tiny_models import build, sample_inputs, save_tiny, tiny_text, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_head_metrics_are_none_with_a_reason_without_attention_probabilities():

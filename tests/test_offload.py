@@ -16,13 +16,7 @@ from layerscope.model.adapter import find_parts
 from layerscope.model.loading import load_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """32-wide models gain nothing from threads, and 2 threads on a busy machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ WORDS = ("the a movie food book good great excellent wonderful amazing fantastic
          "i think today service hotel room trip phone battery weather concert").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ VOCAB = 64
 DECODERS = ("llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP synchronisation on a busy machine costs 1000x the arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer():

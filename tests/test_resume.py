@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from cli_runner import run
 from tiny_models import save_tiny, tiny_text
@@ -19,12 +18,7 @@ def no_html(monkeypatch):
     monkeypatch.setattr(layerscope.report, "render_report", lambda *a, **k: "<html></html>")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
