@@ -1,8 +1,10 @@
 """Low-rank bench: SmolLM2 held-out Wikipedia perplexity at 10/20/30 % parameter reduction of the blocks' linears.
 
-Rows: plain SVD with uniform ranks, whitened SVD (SVD-LLM) with uniform ranks, whitened SVD with ranks
-from the exact allocator (loss per layer and keep level: relative output error ‖(W−Ŵ)X‖²/‖WX‖² on the
-calibration XᵀX), and (--svd-exact) plain SVD with the same allocator. All rows read ONE non-sequential statistics
+Rows: plain SVD with uniform ranks, whitened SVD (SVD-LLM) with uniform ranks, and whitened SVD with ranks
+from the exact allocator under two losses per layer and keep level: "exact (relative)" -- the relative
+output error ‖(W−Ŵ)X‖²/‖WX‖² on the calibration XᵀX, every layer alike; "exact (Fisher)" -- the CLI's
+default, the predicted ΔNLL ½ Σ_j F_j (E M Eᵀ)_jj (output Fisher from one backward pass); and
+(--svd-exact) plain SVD with the relative loss. All rows read ONE non-sequential statistics
 pass over the dense model (the CLI's default is sequential). Then one plan is written with
 `write_lowrank` and loaded in fresh processes: parameter count and peak RSS of `layerscope.load`
 (factorized pairs) vs plain transformers on the dense export.
@@ -19,9 +21,13 @@ import time
 
 import torch
 
+# Peak RSS from /proc/self/status VmHWM (kB): it starts afresh at exec, while ru_maxrss would carry the
+# forking parent's peak (several GB here) into the child.
 _PROBE = r"""
-import resource, sys, torch
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, torch
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+base = hwm()
 if sys.argv[1] == "factorized":
     import layerscope
     m = layerscope.load(sys.argv[2])
@@ -30,12 +36,12 @@ else:
     m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
 with torch.no_grad():
     m(torch.arange(3, 67)[None])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(sum(p.numel() for p in m.parameters()), sum(p.numel() * p.element_size() for p in m.parameters()), base, peak)
 """
 
 
-ROWS = (("svd", "uniform"), ("whitened", "uniform"), ("whitened", "exact"))
+ROWS = (("svd", "uniform"), ("whitened", "uniform"), ("whitened", "exact (relative)"), ("whitened", "exact (Fisher)"))
 
 
 def main() -> None:
@@ -72,8 +78,14 @@ def main() -> None:
     keeps = list(KEEP_GRID) + [1.0]
     log(f"# {lm.model_id}: calibration {n_seq}x{seq_len} = {ids.numel()} tokens, eval {proto.describe()}")
 
-    layers, facts, curves, mods = [], {}, {"svd": {}, "whitened": {}}, {}
+    layers, facts, curves, mods = [], {}, {"svd": {}, "whitened": {}, "whitened-fisher": {}}, {}
     t0 = time.time()
+    from layerscope.compress.lowrank import fisher_loss
+    from layerscope.compress.quant_stats import output_fisher
+    from layerscope.engine.runner import make_batches
+
+    fisher, _ = output_fisher(parts, make_batches(ids, 8)[0])  # as `lowrank --allocation exact` (default loss)
+    log(f"output Fisher (one forward+backward over {ids.numel()} tokens): {time.time() - t0:.0f} s")
 
     def on_block(i, block, stats):
         for n, st in stats.items():
@@ -87,6 +99,9 @@ def main() -> None:
                 facts[(method, name)] = f
                 if method == "whitened":  # exact from the singular values (SVD-LLM), no extra products
                     curves[method][name] = [0.0 if k >= 1 else f.tail_loss(_rank(W.shape, k)) for k in keeps]
+                    M = st.xtx / st.tokens
+                    curves["whitened-fisher"][name] = [
+                        0.0 if k >= 1 else fisher_loss(W, f.weight(_rank(W.shape, k)), M, fisher[name]) for k in keeps]
                 elif args.svd_exact:
                     curves[method][name] = [0.0 if k >= 1 else relative_output_error(W, f.weight(_rank(W.shape, k)),
                                                                                     st.xtx) for k in keeps]
@@ -118,7 +133,8 @@ def main() -> None:
     for R in (float(x) for x in args.reductions.split(",")):
         for method, alloc in ROWS + ((("svd", "exact"),) if args.svd_exact else ()):
             t = time.time()
-            u = units(method) if curves[method] else None
+            key = "whitened-fisher" if alloc == "exact (Fisher)" else method
+            u = units(key) if curves[key] else None
             if alloc == "uniform":
                 ranks = {nm: _rank(sh, 1 - R) for nm, _, _, sh in layers}
                 pred = None
@@ -141,7 +157,7 @@ def main() -> None:
 
     # write one plan (whitened exact at the middle reduction) and measure loading it
     R = sorted(float(x) for x in args.reductions.split(","))[len(args.reductions.split(",")) // 2]
-    entries = keep_plans[(R, "whitened", "exact")]
+    entries = keep_plans[(R, "whitened", "exact (Fisher)")]
     plan = LowrankPlan(method="whitened", reduction=R, allocation="exact", achieved_reduction=achieved_reduction(entries),
                        num_layers=parts.num_layers, blocks_path=parts.blocks_path, entries=entries,
                        provenance={"source_model": lm.model_id, "weights_sha256": lm.weights_sha256})
@@ -156,7 +172,7 @@ def main() -> None:
     data = {"kind": "layerscope.lowrank", "notes": [], "evaluations": [], "plan": plan.model_dump(mode="json")}
     write_lowrank(lm, plan, factors, Path(args.write), data, force=True, source_dir=None)
     restore()
-    log(f"\nwrote whitened-exact {R} to {args.write}; loading each in a fresh process:")
+    log(f"\nwrote whitened-exact (Fisher) {R} to {args.write}; loading each in a fresh process:")
     log("| directory | loader | parameters | parameter bytes | RSS after imports (MB) | peak RSS (MB) |")
     log("|---|---|---|---|---|---|")
     load_rows = []

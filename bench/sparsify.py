@@ -4,8 +4,11 @@ Rows: magnitude, Wanda-uniform, Wanda-OWL, Wanda-exact, SparseGPT-uniform, Spars
 SparseGPT-exact with --sparsegpt-exact). Every row reads ONE non-sequential statistics pass over the
 dense model (XᵀX of every linear on the calibration windows; one-shot pruning from dense inputs, so the
 rows differ only in pruner and allocation — the CLI's default is the sequential pass). OWL: λ = 0.08,
-M = 5. Exact: the exact allocator over each block's measured loss curve (relative block-output error
-of the block pruned alone, on the first calibration batch), grid 0.40..0.85 step 0.05 for Wanda (measured on --tap-seqs calibration windows).
+M = 5. Exact: the exact allocator over each block's measured loss curve, choosing from the levels the
+CLI offers (target ± 3 × 0.05), curves made non-decreasing as the CLI does, under two loss models:
+  * "exact (output KL)" -- the CLI's default: KL(dense ‖ block i pruned alone) of the model's
+    next-token distributions on the first --kl-tokens calibration tokens (compress.blockwise.OutputTap);
+  * "exact (block error)" -- the block's own relative output error on the first --tap-seqs windows.
 "predicted" is the loss model's total for the plan next to the measured perplexity.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python bench/sparsify.py --calib 32x128 --eval-tokens 4096
@@ -17,6 +20,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, __import__('os').path.dirname(__file__))
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--skip-nm", action="store_true")
     ap.add_argument("--only-nm", action="store_true")
     ap.add_argument("--tap-seqs", type=int, default=4, help="windows per batch; the first batch measures the curves")
+    ap.add_argument("--kl-tokens", type=int, default=512, help="calibration tokens of the output-KL curves")
     ap.add_argument("--workers", type=int, default=4, help="forked processes evaluating rows")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--json", default=None)
@@ -39,14 +44,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     from layerscope.actions.sparsify import _block_params, _linear_only
-    from layerscope.compress.blockwise import BlockTap, calibration_windows, swapped_weights
+    from layerscope.actions.sparsify import _loss_rows
+    from layerscope.compress.blockwise import BlockTap, OutputTap, calibration_windows, swapped_weights
     from layerscope.compress.sparse import prune_weight, wanda_score
     from layerscope.engine.moments import linear_moments
     from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity, token_stream
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model
     from layerscope.plans.allocator import UnitOptions, allocate_exact, evaluate_choice
-    from layerscope.plans.sparsify import outlier_ratio, spread_levels
+    from layerscope.plans.sparsify import candidate_levels, outlier_ratio, spread_levels
 
     def log(m):
         print(m, flush=True)
@@ -60,27 +66,34 @@ def main() -> None:
     proto = PerplexityProtocol(max_tokens=args.eval_tokens)
     eval_ids = token_stream(lm.tokenizer, proto)
     targets = [float(x) for x in args.targets.split(",")]
-    wgrid = [round(0.4 + 0.05 * k, 2) for k in range(10)]  # 0.40 .. 0.85
-    sgrid = [0.4, 0.5, 0.6, 0.7, 0.8]
+    targets_grid = sorted({x for S in targets for x in candidate_levels(S)})  # the levels the CLI offers
+    wgrid = targets_grid
+    sgrid = targets_grid
     log(f"# {lm.model_id}: {L} blocks, calibration {n_seq}x{seq_len} = {ids.numel()} tokens (wikipedia calibration "
         f"split), eval {proto.describe()}")
 
     stats_all: list[dict] = []
     lod: list[float] = []
-    curves = {"wanda": [], "sparsegpt": []}
+    curves = {"wanda": [], "sparsegpt": []}  # block error
+    kl_curves = {"wanda": [], "sparsegpt": []}  # output KL
     tap = BlockTap(parts.blocks, 1)  # the first batch (--tap-seqs windows)
+    out_tap = OutputTap(parts, ids[:_loss_rows(ids, args.kl_tokens)])
     t0 = time.time()
 
     def on_block(i, block, stats):
         mods = {n: st.module for n, st in stats.items()}
         lod.append(outlier_ratio([wanda_score(st.module.weight, st.col_norms()) for st in stats.values()], 5.0))
         for method, grid in (("wanda", wgrid), ("sparsegpt", sgrid if args.sparsegpt_exact else [])):
-            row = []
+            row, kl_row = [], []
             for s in grid:
                 new = {n: prune_weight(method, st.module.weight.data, s, "unstructured", st) for n, st in stats.items()}
                 with swapped_weights(mods, new):
                     row.append(tap.error(i))
+                    armed, tap.armed = tap.armed, set()  # the KL runs later blocks: keep them out of the tap
+                    kl_row.append(out_tap.kl(i))
+                    tap.armed = armed
             curves[method].append(row)
+            kl_curves[method].append(kl_row)
         tap.release(i)
         for st in stats.values():
             st.xtx = st.xtx.float()
@@ -110,26 +123,40 @@ def main() -> None:
     log("\n| sparsity | pattern | method | allocation | achieved | predicted loss | perplexity | s |")
     log("|---|---|---|---|---|---|---|---|")
 
-    def units_for(method, grid):
-        return [UnitOptions(f"b{i}", grid, [bp[i] * (1 - s) for s in grid], curves[method][i]) for i in range(L)]
+    def units_for(method, grid, source):
+        return [UnitOptions(f"b{i}", grid, [bp[i] * (1 - s) for s in grid], source[method][i]) for i in range(L)]
 
-    def pred(method, grid, lv):
-        return (evaluate_choice(units_for(method, grid), lv).predicted_loss
-                if curves[method] and all(l in grid for l in lv) else None)
+    def monotone(source, S):
+        """The CLI's curves at target S: its candidate levels, made non-decreasing in sparsity."""
+        grid = candidate_levels(S)
+        cols = [wgrid.index(x) for x in grid]
+        out = {m: [list(np.maximum.accumulate([c[k] for k in cols])) for c in cs] for m, cs in source.items() if cs and cs[0]}
+        return grid, out
+
+    def exact(method, S, source):
+        grid, cs = monotone(source, S)
+        ex = allocate_exact(units_for(method, grid, cs), (1 - S) * sum(bp) * (1 + 1e-9))
+        return [float(x) for x in ex.chosen], ex.predicted_loss
+
+    def pred(method, S, lv, source):
+        grid, cs = monotone(source, S)
+        return evaluate_choice(units_for(method, grid, cs), lv).predicted_loss if all(l in grid for l in lv) else None
 
     specs = []
     for S in ([] if args.only_nm else targets):
         owl_r = [round(x, 6) for x in spread_levels(lod, S, 0.08, block_params=bp)]
-        ex = allocate_exact(units_for("wanda", wgrid), (1 - S) * sum(bp) * (1 + 1e-9))
-        specs += [(S, "unstructured", "wanda", "uniform", [S] * L, pred("wanda", wgrid, [S] * L)),
-                  (S, "unstructured", "wanda", "owl", owl_r, pred("wanda", wgrid, owl_r)),
-                  (S, "unstructured", "wanda", "exact", [float(x) for x in ex.chosen], ex.predicted_loss),
+        ex_kl, p_kl = exact("wanda", S, kl_curves)
+        ex_be, p_be = exact("wanda", S, curves)
+        specs += [(S, "unstructured", "wanda", "uniform", [S] * L, pred("wanda", S, [S] * L, kl_curves)),
+                  (S, "unstructured", "wanda", "owl", owl_r, None),
+                  (S, "unstructured", "wanda", "exact (output KL)", ex_kl, p_kl),
+                  (S, "unstructured", "wanda", "exact (block error)", ex_be, p_be),
                   (S, "unstructured", "sparsegpt", "uniform", [S] * L, None),
                   (S, "unstructured", "sparsegpt", "owl", owl_r, None),
                   (S, "unstructured", "magnitude", "uniform", [S] * L, None)]
-        if args.sparsegpt_exact and S in sgrid:
-            ex = allocate_exact(units_for("sparsegpt", sgrid), (1 - S) * sum(bp) * (1 + 1e-9))
-            specs.append((S, "unstructured", "sparsegpt", "exact", [float(x) for x in ex.chosen], ex.predicted_loss))
+        if args.sparsegpt_exact:
+            ex, pe = exact("sparsegpt", S, kl_curves)
+            specs.append((S, "unstructured", "sparsegpt", "exact (output KL)", ex, pe))
         log(f"  OWL levels at {S}: " + " ".join(f"{x:.3f}" for x in owl_r))
     if not args.skip_nm:
         specs += [(0.5, "2:4", m, "uniform", [0.5] * L, None) for m in ("wanda", "sparsegpt", "magnitude")]
@@ -148,11 +175,11 @@ def main() -> None:
         log(f"| {S:.2f} | {pattern} | {rows[-1]['method']} | {alloc} | {ach:.4f} | {pr} | {p:.3f} | {sec:.0f} |")
     log("\nOWL outlier ratios (LOD %, M=5): " + " ".join(f"{x:.2f}" for x in lod))
     for r in rows:
-        if r.get("allocation") == "exact":
+        if str(r.get("allocation")).startswith("exact"):
             log(f"exact {r['method']} levels at {r['target']}: " + " ".join(f"{x:.2f}" for x in r["levels"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "lod": lod, "curves": curves, "wgrid": wgrid, "sgrid": sgrid,
+            json.dump({"rows": rows, "lod": lod, "curves": curves, "kl_curves": kl_curves, "wgrid": wgrid, "sgrid": sgrid,
                        "calibration_tokens": int(ids.numel()), "eval": proto.model_dump()}, f, indent=1)
 
 

@@ -99,3 +99,42 @@ def test_two_four_keeps_two_of_every_four_and_magnitude_is_layerwise():
     m = prune_magnitude(W, 0.5)
     thresh = W.abs().flatten().sort().values[W.numel() // 2 - 1]
     assert torch.equal(m == 0, W.abs() <= thresh)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_output_tap_kl_equals_full_forward_kl_of_the_changed_model(family):
+    """OutputTap's prefix-reused KL(dense ‖ changed) equals the KL of two plain full forwards."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from layerscope.compress.blockwise import OutputTap
+    from layerscope.model.adapter import find_parts
+    from tiny_models import build, sample_inputs
+
+    model = build(family).eval()
+    ids = sample_inputs(family, n=3, seq=20)
+    parts = find_parts(model)
+    tap = OutputTap(parts, ids, batch_size=2)
+    changed = copy.deepcopy(model)
+    block = find_parts(changed).blocks[1]
+    for m in block.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = prune_magnitude(m.weight.data, 0.5)
+
+    def kl(a, b):
+        with torch.no_grad():
+            la = F.log_softmax(a(ids).logits[:, :-1].double(), -1)  # positions that have a next token
+            lb = F.log_softmax(b(ids).logits[:, :-1].double(), -1)
+        return float((la.exp() * (la - lb)).sum(-1).mean())
+
+    want = kl(model, changed)
+    assert want > 1e-6  # the change is visible, so equality below means something
+    assert tap.kl(0, find_parts(changed).blocks) == pytest.approx(want, rel=1e-4)
+    saved = {n: p.data for n, p in parts.blocks[1].named_parameters()}
+    for n, p in parts.blocks[1].named_parameters():  # block 1 changed in place, the rest dense
+        p.data = dict(block.named_parameters())[n].data
+    assert tap.kl(1) == pytest.approx(want, rel=1e-4)
+    for n, p in parts.blocks[1].named_parameters():
+        p.data = saved[n]
+    assert tap.kl(1) == pytest.approx(0.0, abs=1e-9)

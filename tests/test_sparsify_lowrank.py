@@ -80,6 +80,7 @@ def test_cli_sparsify_dry_run_plan_applies_as_written(tiny_dir, tmp_path, monkey
     assert code == 0, err
     plan = yaml.safe_load(out)
     assert plan["plan"] == "sparsify" and len(plan["levels"]) == 4 and plan["predicted_loss"] is not None
+    assert plan["exact_loss"] == "output_kl" and plan["loss_model"].startswith("KL(dense")
     assert plan["achieved_sparsity"] >= 0.6 - 1e-9
     plan["levels"] = [0.3, 0.3, 0.9, 0.9]
     f = tmp_path / "plan.yaml"
@@ -110,3 +111,18 @@ def test_lowrank_factorized_load_is_smaller_and_matches_the_dense_export(family,
     x = torch.randint(3, 120, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(fact(x).logits, dense(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@requires_wikipedia
+@pytest.mark.parametrize("loss", ["fisher", "relative"])
+def test_cli_lowrank_exact_plan_records_its_loss_and_meets_the_budget(loss, tiny_dir, monkeypatch, capsys):
+    code, out, err = run_cli(["lowrank", tiny_dir, "--reduction", "0.3", "--allocation", "exact", "--exact-loss", loss,
+                              "--tokens", "256", "--seq-len", "64", "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    plan = yaml.safe_load(out)
+    assert plan["exact_loss"] == loss and plan["predicted_loss"] > 0
+    assert plan["loss_model"].startswith("predicted ΔNLL" if loss == "fisher" else "relative layer-output")
+    assert plan["achieved_reduction"] >= 0.3 - 0.01
+    code, out, err = run_cli(["lowrank", tiny_dir, "--reduction", "0.3", "--allocation", "exact", "--exact-loss",
+                              "nope", "--dry-run"], monkeypatch, capsys)
+    assert code != 0 and "Traceback" not in err and "exact loss must be one of" in err

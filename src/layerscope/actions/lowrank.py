@@ -26,8 +26,9 @@ class LowrankResult(DictResult):
         p = d["plan"]
         lines = [f"{p['method']} low rank, allocation {p['allocation']}: {p['achieved_reduction']:.4f} of the linear "
                  f"parameters removed (target {p['reduction']})"]
-        if d.get("predicted_loss") is not None:
-            lines.append(f"  layer-output loss: predicted {d['predicted_loss']:.4f}, measured {d['measured_loss']:.4f}")
+        if d.get("predicted_loss") is not None and d.get("measured_loss") is not None:
+            lines.append(f"  loss: predicted {d['predicted_loss']:.4f}, measured {d['measured_loss']:.4f} "
+                         f"({d.get('measured_loss_model', 'layer-output error')})")
         if d.get("params"):
             lines.append(f"  parameters: dense {d['params']['dense']:,}, factorized {d['params']['factorized']:,}")
         lines += [f"  {e['name']}: perplexity {e['perplexity']:.4f}" for e in d.get("evaluations") or []]
@@ -70,20 +71,52 @@ def _entry(name, block, linear, shape, rank) -> RankEntry:
     return RankEntry(name=name, block=block, linear=linear, shape=list(shape), rank=rank, params=params)
 
 
-def loss_curves(parts, ids, method: str, damp: float, keeps, log=lambda m: None) -> dict[str, list[float]]:
-    """{layer: [relative output error at each keep fraction]} on the dense model's statistics."""
-    from layerscope.compress.lowrank import factorize, relative_output_error
+EXACT_LOSSES = ("fisher", "relative")
+LOSS_MODELS = {
+    "fisher": "predicted ΔNLL (nats/token) ½ Σ_j F_j (E M Eᵀ)_jj of each layer truncated alone, E = W − Ŵ, "
+              "M = XᵀX/tokens, F = mean squared gradient of the NLL at the layer's outputs (one backward pass), summed",
+    "relative": "relative layer-output error ‖(W−Ŵ)X‖²/‖WX‖² on the dense model's calibration XᵀX, summed",
+}
+
+
+def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher", log=lambda m: None
+                ) -> dict[str, list[float]]:
+    """{layer: [loss at each keep fraction]} on the dense model's statistics (see LOSS_MODELS).
+
+    "relative" weighs every layer alike, so a 10 % error in a k_proj counts as much as one in a down_proj;
+    "fisher" weighs each output channel by how much the model's loss reacts to it (as quantize's measured
+    allocation does, compress.quant_stats), so the sum predicts the change of the model's own loss.
+    """
+    from layerscope.compress.lowrank import factorize, fisher_loss, relative_output_error
     from layerscope.engine.moments import linear_moments
 
+    if loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"exact loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
+    fisher = None
+    if loss == "fisher":
+        from layerscope.compress.quant_stats import output_fisher
+        from layerscope.engine.runner import make_batches
+
+        log(f"  output Fisher: one forward+backward pass over {ids.numel()} calibration tokens")
+        fisher, _ = output_fisher(parts, make_batches(ids, 8)[0])
     curves: dict[str, list[float]] = {}
 
     def on_block(i, block, stats):
         for n, st in stats.items():
+            name = f"{parts.blocks_path}.{i}.{n}"
             W = st.module.weight.data
             f = factorize(W, method, st.xtx, damp)
-            curves[f"{parts.blocks_path}.{i}.{n}"] = [  # whitened: exact from the singular values (SVD-LLM)
-                0.0 if k >= 1 else (f.tail_loss(_rank(W.shape, k)) if method == "whitened" else
-                                    relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx)) for k in keeps]
+            row = []
+            for k in keeps:
+                if k >= 1:
+                    row.append(0.0)
+                elif fisher is not None:
+                    row.append(fisher_loss(W, f.weight(_rank(W.shape, k)), st.xtx / st.tokens, fisher[name]))
+                elif method == "whitened":  # exact from the singular values (SVD-LLM)
+                    row.append(f.tail_loss(_rank(W.shape, k)))
+                else:
+                    row.append(relative_output_error(W, f.weight(_rank(W.shape, k)), st.xtx))
+            curves[name] = row
         log(f"  block {i}: measured {len(stats)} layers at keep {list(keeps)}")
 
     linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only)
@@ -91,16 +124,17 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, log=lambda m: None)
 
 
 def plan_lowrank(model=None, *, reduction: float, method: str = "whitened", allocation: str = "uniform",
-                 tokens: int = 8192, seq_len: int = 256, damp: float = 1e-4, quiet: bool = True,
-                 trust_remote_code: bool = False, device=None, dtype=None, loaded=None) -> LowrankPlan:
+                 tokens: int = 8192, seq_len: int = 256, damp: float = 1e-4, exact_loss: str = "fisher",
+                 quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None
+                 ) -> LowrankPlan:
     """Resolve a low-rank request into a LowrankPlan (measuring the loss curves for `exact`)."""
     return _resolve(model, reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len,
-                    damp=damp, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
-                    loaded=loaded)[0]
+                    damp=damp, exact_loss=exact_loss, quiet=quiet, trust_remote_code=trust_remote_code,
+                    device=device, dtype=dtype, loaded=loaded)[0]
 
 
 def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, quiet, trust_remote_code, device,
-             dtype, loaded):
+             dtype, loaded, exact_loss="fisher"):
     import datetime as _dt
 
     from layerscope import __version__
@@ -131,7 +165,7 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         ids = calibration_windows(lm.tokenizer, tokens, seq_len)
         keeps = list(KEEP_GRID) + [1.0]
         say(f"exact: measuring each layer's {method} truncation loss at keep {keeps} ({ids.numel()} tokens)")
-        curves = loss_curves(parts, ids, method, damp, keeps, log=say)
+        curves = loss_curves(parts, ids, method, damp, keeps, loss=exact_loss, log=say)
         units = []
         for nm, i, n, sh in layers:
             costs = [sh[0] * sh[1] if k >= 1 else _rank(sh, k) * (sh[0] + sh[1]) for k in keeps]
@@ -140,7 +174,7 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         alloc = allocate_exact(units, (1 - reduction) * total)
         entries = [_entry(nm, i, n, sh, _rank(sh, k)) for (nm, i, n, sh), k in zip(layers, alloc.chosen)]
         predicted = alloc.predicted_loss
-        loss_model = "relative layer-output error ‖(W−Ŵ)X‖²/‖WX‖² on the dense model's calibration XᵀX, summed"
+        loss_model = LOSS_MODELS[exact_loss]
         near = min(KEEP_GRID, key=lambda k: abs(k - (1 - reduction)))
         uni = evaluate_choice(units, [near] * len(units))
         notes.append(f"predicted total loss {predicted:.4f} vs {uni.predicted_loss:.4f} for uniform keep {near}")
@@ -149,6 +183,7 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         num_layers=parts.num_layers, blocks_path=parts.blocks_path, entries=entries,
         calibration={"source": "wikipedia:calibration", "tokens": tokens, "seq_len": seq_len}, damp=damp,
         predicted_loss=predicted, loss_model=loss_model, notes=notes,
+        exact_loss=exact_loss if allocation != "uniform" else None,
         provenance={"source_model": lm.model_id, "source_path": str(lm.path) if lm.path else None,
                     "weights_sha256": lm.weights_sha256, "layerscope_version": __version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -201,7 +236,8 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     if isinstance(plan, (str, Path)):
         plan = LowrankPlan.from_file(plan)
     if plan is None:
-        defaults = dict(reduction=0.2, method="whitened", allocation="uniform", tokens=8192, seq_len=256, damp=1e-4)
+        defaults = dict(reduction=0.2, method="whitened", allocation="uniform", tokens=8192, seq_len=256, damp=1e-4,
+                        exact_loss="fisher")
         unknown = set(request) - set(defaults)
         if unknown:
             raise LayerscopeError(f"unknown lowrank options: {', '.join(sorted(unknown))}")
@@ -226,12 +262,15 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     selection = None
     if compare:
         plan, factors, selection = _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say)
+    fisher = plan.exact_loss == "fisher"
     data: dict[str, Any] = {"kind": LowrankResult.kind, "notes": notes, "evaluations": [], "selection": selection,
-                            "predicted_loss": plan.predicted_loss, "measured_loss": float(sum(losses)),
+                            "predicted_loss": plan.predicted_loss,
+                            "measured_loss": None if fisher else float(sum(losses)),
+                            "measured_loss_model": "held-out ΔNLL ln(ppl/ppl_dense)" if fisher else
+                            "sum of each layer's relative output error, inputs from the factorized prefix",
                             "measured_layer_loss": losses, "block_reduction": plan.block_reduction()}
-    if plan.predicted_loss is not None:
-        say(f"layer-output loss: predicted {plan.predicted_loss:.4f}, measured {sum(losses):.4f} "
-            "(measured with the factorized prefix's inputs)")
+    if fisher and not evaluate:
+        data["measured_loss_missing"] = "the predicted ΔNLL is checked against held-out perplexity: not run (--no-eval)"
     if evaluate:
         from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
 
@@ -242,6 +281,13 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
                                {"name": f"{plan.method} {plan.allocation}", "perplexity": got}]
         data["protocol"] = proto.model_dump()
         say(f"perplexity ({proto.describe()}): dense {base:.4f}, low rank {got:.4f}")
+        if fisher:
+            import math
+
+            data["measured_loss"] = math.log(got / base)
+    if plan.predicted_loss is not None and data["measured_loss"] is not None:
+        say(f"loss: predicted {plan.predicted_loss:.4f}, measured {data['measured_loss']:.4f} "
+            f"({data['measured_loss_model']})")
     del dense_model
     from layerscope.model.factorized import write_lowrank
 

@@ -77,14 +77,25 @@ def owl_ratios(parts, ids, m: float, batch_size: int = 8) -> list[float]:
 
 
 def loss_curves(parts, ids, method: str, pattern: str, levels: list[float], *, damp: float = 0.01,
-                batch_size: int = 8, tap_batches: int = 2, log=lambda m: None) -> list[list[float]]:
-    """[block][level] relative block-output error of the block pruned alone at each level (dense inputs)."""
-    from layerscope.compress.blockwise import BlockTap, swapped_weights
+                batch_size: int = 8, tap_batches: int = 2, loss: str = "output_kl", loss_tokens: int = 1024,
+                log=lambda m: None) -> list[list[float]]:
+    """[block][level] loss of the block pruned alone at each level, every other block dense.
+
+    loss "output_kl": KL(dense ‖ pruned) of the model's next-token distributions, nats/token, on the first
+    `loss_tokens` calibration tokens (compress.blockwise.OutputTap); "block_error": the block's own relative
+    output error on `tap_batches` batches (BlockTap). Statistics from a non-sequential pass over the dense model.
+    """
+    from layerscope.compress.blockwise import BlockTap, OutputTap, swapped_weights
     from layerscope.compress.sparse import prune_weight
     from layerscope.engine.moments import linear_moments
 
+    if loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"exact loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
     curves: list[list[float]] = []
-    tap = BlockTap(parts.blocks, tap_batches)
+    tap = BlockTap(parts.blocks, tap_batches if loss == "block_error" else 0)
+    out = None
+    if loss == "output_kl":
+        out = OutputTap(parts, ids[:_loss_rows(ids, loss_tokens)])
 
     def on_block(i, block, stats):
         mods = {n: st.module for n, st in stats.items()}
@@ -92,7 +103,7 @@ def loss_curves(parts, ids, method: str, pattern: str, levels: list[float], *, d
         for s in levels:
             new = {n: prune_weight(method, st.module.weight.data, s, pattern, st, damp) for n, st in stats.items()}
             with swapped_weights(mods, new):
-                row.append(tap.error(i))
+                row.append(out.kl(i) if out is not None else tap.error(i))
         tap.release(i)
         curves.append(row)
         log(f"  block {i}: loss " + " ".join(f"{s:.2f}:{e:.4g}" for s, e in zip(levels, row)))
@@ -100,6 +111,20 @@ def loss_curves(parts, ids, method: str, pattern: str, levels: list[float], *, d
     with tap.attached():
         linear_moments(parts, ids, on_block=on_block, sequential=False, select=_linear_only, batch_size=batch_size)
     return curves
+
+
+def _loss_rows(ids, loss_tokens: int) -> int:
+    """Calibration windows holding the first `loss_tokens` tokens (at least one)."""
+    return max(1, min(ids.shape[0], -(-loss_tokens // ids.shape[1])))
+
+
+EXACT_LOSSES = ("output_kl", "block_error")
+LOSS_MODELS = {
+    "output_kl": "KL(dense ‖ block i pruned alone by {method}) of the next-token distributions, nats/token on {n} "
+                 "calibration tokens through the rest of the model, made non-decreasing in sparsity, summed over blocks",
+    "block_error": "relative block-output error Σ‖B̂(h)−B(h)‖²/Σ‖B(h)‖² of each block pruned alone by {method} "
+                   "(dense inputs), made non-decreasing in sparsity, summed over blocks",
+}
 
 
 def prune_model(parts, ids, method: str, pattern: str, levels: list[float], *, damp: float = 0.01,
@@ -129,17 +154,18 @@ def prune_model(parts, ids, method: str, pattern: str, levels: list[float], *, d
 def plan_sparsify(model=None, *, sparsity: float, method: str = "wanda", pattern: str = "unstructured",
                   allocation: str = "uniform", tokens: int = 8192, seq_len: int = 256, owl_lambda: float = 0.08,
                   owl_m: float = 5.0, damp: float = 0.01, scores=None, level_step: float = 0.05, level_span: int = 3,
-                  quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None
+                  exact_loss: str = "output_kl", exact_loss_tokens: int = 1024, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None
                   ) -> SparsifyPlan:
     """Resolve a sparsify request into a SparsifyPlan (measuring what the allocation needs)."""
     return _resolve(model, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation, tokens=tokens,
                     seq_len=seq_len, owl_lambda=owl_lambda, owl_m=owl_m, damp=damp, scores=scores,
-                    level_step=level_step, level_span=level_span, quiet=quiet, trust_remote_code=trust_remote_code,
+                    level_step=level_step, level_span=level_span, exact_loss=exact_loss,
+                    exact_loss_tokens=exact_loss_tokens, quiet=quiet, trust_remote_code=trust_remote_code,
                     device=device, dtype=dtype, loaded=loaded)[0]
 
 
 def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, owl_lambda, owl_m, damp, scores,
-             level_step, level_span, quiet, trust_remote_code, device, dtype, loaded):
+             level_step, level_span, exact_loss, exact_loss_tokens, quiet, trust_remote_code, device, dtype, loaded):
     import datetime as _dt
 
     from layerscope import __version__
@@ -191,7 +217,8 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
 
         grid = sp.candidate_levels(sparsity, level_step, level_span)
         say(f"exact: measuring each block's loss at sparsity {grid} with {method} ({ids.numel()} calibration tokens)")
-        curves = loss_curves(parts, ids, method, pattern, grid, damp=damp, log=say)
+        curves = loss_curves(parts, ids, method, pattern, grid, damp=damp, loss=exact_loss,
+                             loss_tokens=exact_loss_tokens, log=say)
         # pruning more never helps: the measured curve is made non-decreasing in sparsity (a dip at a higher level
         # is measurement noise on a few batches and would pull the plan past the budget's sparsity)
         curves = [[float(x) for x in np.maximum.accumulate(np.asarray(c, dtype=float))] for c in curves]
@@ -201,8 +228,7 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         levels = [float(x) for x in alloc.chosen]
         predicted = alloc.predicted_loss
         uni = evaluate_choice(units, [min(grid, key=lambda g: abs(g - sparsity))] * L)
-        loss_model = ("relative block-output error Σ‖B̂(h)−B(h)‖²/Σ‖B(h)‖² of each block pruned alone by "
-                      f"{method} (dense inputs), made non-decreasing in sparsity, summed over blocks")
+        loss_model = LOSS_MODELS[exact_loss].format(method=method, n=_loss_rows(ids, exact_loss_tokens) * ids.shape[1])
         notes.append(f"predicted total loss {predicted:.5f} vs {uni.predicted_loss:.5f} for uniform on the same model")
         score_row = [float(c[grid.index(s)]) for c, s in zip(curves, levels)]
     plan = sp.SparsifyPlan(
@@ -210,7 +236,7 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         achieved_sparsity=sp.achieved(levels, bp), num_layers=L, blocks_path=parts.blocks_path,
         calibration={"source": "wikipedia:calibration", "tokens": tokens, "seq_len": seq_len}, damp=damp,
         owl_lambda=owl_lambda, owl_m=owl_m, scores=score_row, predicted_loss=predicted, loss_model=loss_model,
-        notes=notes,
+        exact_loss=exact_loss, exact_loss_tokens=exact_loss_tokens, notes=notes,
         provenance={"source_model": lm.model_id, "source_path": str(lm.path) if lm.path else None,
                     "weights_sha256": lm.weights_sha256, "layerscope_version": __version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -288,11 +314,20 @@ def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: 
     say(f"pruning with {plan.method} ({plan.pattern}), sequential statistics on {ids.numel()} tokens")
     measured = prune_model(parts, ids, plan.method, plan.pattern, plan.levels, damp=plan.damp)
     data["measured_block_loss"] = measured
-    data["measured_loss"] = float(sum(measured))
     data["predicted_loss"] = plan.predicted_loss
+    if plan.allocation == "exact" and plan.exact_loss == "output_kl" and dense is not None:
+        from layerscope.compress.blockwise import OutputTap
+
+        # the same loss the curves measured, now with every block pruned at once (so interactions show)
+        kl = OutputTap(find_parts(dense), ids[:_loss_rows(ids, plan.exact_loss_tokens)]).kl(0, parts.blocks)
+        data["measured_loss"] = kl
+        data["measured_loss_model"] = "KL(dense ‖ pruned model), nats/token, same calibration tokens as the curves"
+    else:
+        data["measured_loss"] = float(sum(measured))
+        data["measured_loss_model"] = "sum of each block's relative output error, inputs from the pruned prefix"
     if plan.predicted_loss is not None:
-        say(f"block-output loss: predicted {plan.predicted_loss:.5f}, measured {sum(measured):.5f} "
-            "(measured with the pruned prefix's inputs)")
+        say(f"loss: predicted {plan.predicted_loss:.5f}, measured {data['measured_loss']:.5f} "
+            f"({data['measured_loss_model']})")
     shipped = plan
     if compare:
         shipped, model_out = _ship_better(lm, dense, plan, ids, select_tokens, data, say)
@@ -319,7 +354,8 @@ def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: 
 
 def _request_defaults(request: dict) -> dict:
     defaults = dict(sparsity=0.5, method="wanda", pattern="unstructured", allocation="uniform", tokens=8192,
-                    seq_len=256, owl_lambda=0.08, owl_m=5.0, damp=0.01, scores=None, level_step=0.05, level_span=3)
+                    seq_len=256, owl_lambda=0.08, owl_m=5.0, damp=0.01, scores=None, level_step=0.05, level_span=3,
+                    exact_loss="output_kl", exact_loss_tokens=1024)
     unknown = set(request) - set(defaults)
     if unknown:
         raise LayerscopeError(f"unknown sparsify options: {', '.join(sorted(unknown))}")

@@ -1,9 +1,14 @@
-"""Block-level helpers shared by sparsify and lowrank: calibration windows, a tap that keeps a few
-batches of one block's inputs and outputs, and the relative output error of a changed block.
+"""Block-level helpers shared by sparsify and lowrank: calibration windows, and two measures of what
+changing one block in place (pruning, factorizing) costs.
 
-The error of a block changed in place (pruned, factorized) is measured on the tapped batches:
-Σ‖B̂(h) − B(h)‖² / Σ‖B(h)‖², with h the block's inputs as the engine passed them and B(h) the
-outputs the unchanged block gave.
+- `BlockTap.error(i)`: the block's own relative output error on a few tapped batches,
+  Σ‖B̂(h) − B(h)‖² / Σ‖B(h)‖², with h the block's inputs as the engine passed them and B(h) the
+  outputs the unchanged block gave. Cheap, but blind to how much the rest of the model amplifies or
+  absorbs the error: equal relative errors in different blocks cost the model very different amounts.
+- `OutputTap.kl(i)`: the model's own loss, KL(dense model ‖ model with block i changed) in nats per
+  token on a few calibration windows, by prefix reuse (the dense model runs once keeping every
+  block's input; block i then runs from its kept input through the unchanged later blocks and the
+  head, scored vocabulary-bounded as ablation is). This is what an allocation over blocks should sum.
 """
 from __future__ import annotations
 
@@ -61,6 +66,56 @@ class BlockTap:
             num += float((out.double() - ref.double()).pow(2).sum())
             den += float(ref.double().pow(2).sum())
         return num / den if den > 0 else float("nan")
+
+
+class OutputTap:
+    """KL(dense ‖ one block changed) per token on calibration windows `ids` [N, T] (see the module docstring).
+
+    Build it before any block changes; `kl(i)` assumes blocks i+1.. are still dense. Needs every block's
+    weights in memory (not out-of-core): each measurement runs the rest of the model.
+    """
+
+    def __init__(self, parts, ids: torch.Tensor, batch_size: int = 4):
+        from layerscope.engine.runner import BlockRunner, make_batches
+        from layerscope.evaluation.scoring import OutputHead
+        from layerscope.metrics.ground_truth.ablation import Reference
+
+        self.runner = BlockRunner(parts, make_batches(ids, batch_size)[0])
+        self.runner.capture()
+        head = OutputHead.of(parts)
+        self.inputs: list[list[torch.Tensor]] = []  # [batch][block] the dense model's input of each block
+        self.refs = []
+        with torch.no_grad():
+            for batch in self.runner.batches:
+                h, kept = batch.first_hidden, []
+                for j in range(parts.num_layers):
+                    kept.append(h)
+                    h = self.runner.forward_block(j, h, batch)
+                self.inputs.append(kept)
+                self.refs.append(Reference(self.runner, batch.inputs["input_ids"], h, head=head))
+        self.tokens = int(ids.numel())
+
+    @torch.no_grad()
+    def kl(self, i: int, blocks: nn.ModuleList | None = None) -> float:
+        """Mean KL(dense ‖ now) per position: blocks i.. as they are now run from the dense input of block i.
+
+        kl(i) with every block but i dense is block i's own cost; kl(0, other.blocks) is the whole cost of
+        another copy of the model whose blocks all changed (same embeddings, same block arguments).
+        """
+        total = n = 0.0
+        run = self.runner.parts.blocks if blocks is None else blocks
+        for batch, kept, ref in zip(self.runner.batches, self.inputs, self.refs):
+            h = kept[i]
+            for j in range(i, len(run)):
+                if blocks is None:
+                    h = self.runner.forward_block(j, h, batch)
+                else:  # the runner's batches use the model's own attention implementation: call directly
+                    args, kwargs = batch.block_args[j]
+                    out = run[j](h, *args, **kwargs)
+                    h = out[0] if isinstance(out, tuple) else out
+            score = ref.score_hidden(h)
+            total, n = total + score.kl, n + score.n
+        return total / n
 
 
 @contextmanager

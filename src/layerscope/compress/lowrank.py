@@ -50,6 +50,15 @@ class Factorization:
         return b @ a
 
 
+def fisher_loss(W: torch.Tensor, approx: torch.Tensor, M: torch.Tensor, fisher: torch.Tensor) -> float:
+    """Predicted ΔNLL per token of replacing W by `approx`: ½ Σ_j F_j (E M Eᵀ)_jj, E = W − approx,
+    M = XᵀX / tokens, F_j the mean squared loss gradient at output j (second-order, diagonal output
+    Fisher, as compress.quant_stats). float64; each channel's term is clamped at 0: XᵀX accumulated from
+    float32 products can be indefinite by rounding, and a change in its near-null space could read < 0."""
+    E = W.double() - approx.double()
+    return 0.5 * float(((E @ M.double()) * E).sum(1).clamp_min(0) @ fisher.double())
+
+
 def whitening_factor(xtx: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
     """Lower-triangular S with S Sᵀ = XᵀX + damp·mean(diag)·I (float64)."""
     h = xtx.double().clone()

@@ -114,9 +114,9 @@ def _log_softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return logp, p, mx.squeeze(-1).double() + s.squeeze(-1).double().log()
 
 
-def _lse_(z: torch.Tensor) -> torch.Tensor:
-    """float64 logsumexp over the last axis; destroys z (exp in place)."""
-    mx = z.amax(-1, keepdim=True)
+def _lse_(z: torch.Tensor, mx: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 logsumexp over the last axis; destroys z (exp in place). mx: z's row maxima [n, 1] if known."""
+    mx = z.amax(-1, keepdim=True) if mx is None else mx
     s = z.sub_(mx).exp_().sum(-1)
     return mx.squeeze(-1).double() + s.double().log()
 
@@ -172,7 +172,7 @@ class ReferenceScorer:
     @torch.no_grad()
     def _stats(self, z: torch.Tensor, x: torch.Tensor | None, a: int, keep_logp: bool) -> dict[str, Any]:
         n = z.shape[0]
-        c: dict[str, Any] = {"a": a, "n": n, "top": z.argmax(-1) if self.top1 else None}
+        c: dict[str, Any] = {"a": a, "n": n, "top": z.max(-1).indices if self.top1 else None}
         tgt = self._tgt(a, n)
         zt = z.gather(-1, tgt[:, None]).squeeze(-1).double() if tgt is not None else None
         if self.linear:  # p in place of the logits buffer: no [n, V] allocation beyond it
@@ -221,14 +221,16 @@ class ReferenceScorer:
 
     def _score_chunk(self, out: Score, c: dict[str, Any], z: torch.Tensor, x: torch.Tensor | None) -> None:
         tgt = self._tgt(c["a"], c["n"])
-        if self.top1:
-            out.top1 += int((z.argmax(-1) == c["top"]).sum())
+        mx = None
+        if self.top1:  # one pass gives the maxima and their positions (argmax alone is ~3x slower on CPU)
+            mx, top = z.max(-1, keepdim=True)
+            out.top1 += int((top.squeeze(-1) == c["top"]).sum())
         zt = z.gather(-1, tgt[:, None]).squeeze(-1).double() if tgt is not None else None
         if self.linear and x is not None:
             pz = (x.double() * c["m"]).sum(-1)
             if c["pb"] is not None:
                 pz = pz + c["pb"]
-            lse = _lse_(z)  # z is the head's reused buffer
+            lse = _lse_(z, mx)  # z is the head's reused buffer
             kl = c["negent"] - pz + lse
         else:
             logp = self._ref_logp(c)

@@ -1,9 +1,19 @@
 """Activation statistics: massive activations in the residual stream, MLP activation sparsity."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
+
+
+def _lower_median(x: torch.Tensor) -> torch.Tensor:
+    """torch.median's value (the lower middle for an even count); numpy's introselect on CPU is several
+    times faster than torch.median there."""
+    if x.device.type != "cpu":
+        return x.median()
+    k = (x.numel() - 1) // 2
+    return torch.tensor(float(np.partition(x.numpy(), k)[k]), dtype=x.dtype)
 
 
 class MassiveActivations(Metric):
@@ -33,13 +43,14 @@ class MassiveActivations(Metric):
         a = obs.h_out.detach().abs().float()
         i = obs.index
         flat = a.reshape(-1)
-        m = float(flat.max())
+        top, at = flat.max(0)  # value and position in one pass
+        m = float(top)
         sample = flat if flat.numel() <= 4_000_000 else flat[:: flat.numel() // 4_000_000 + 1]
-        self.median.add(i, sample.median().reshape(1))
+        self.median.add(i, _lower_median(sample).reshape(1))
         per_dim = a.reshape(-1, a.shape[-1]).amax(0)
         self.dim_max[i] = per_dim if self.dim_max[i] is None else torch.maximum(self.dim_max[i], per_dim)
         if m > self.max[i]:
-            idx = int(flat.argmax())
+            idx = int(at)
             b, rest = divmod(idx, a.shape[1] * a.shape[2])
             pos, dim = divmod(rest, a.shape[2])
             self.max[i] = m

@@ -48,6 +48,63 @@ class BlockObservation:
     head_out: torch.Tensor | None = None  # [B, T, H, head_dim] input of the attention output projection
     mlp_act: torch.Tensor | None = None  # [B, T, F] input of the MLP down projection
 
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # shared float64 statistics
+
+    # --- per-token float64 statistics shared by the metrics that read the same streams ----------------
+    # Several metrics (block influence, relative contribution, angular distance, norm growth) need norms
+    # and inner products of the same residual streams; each used to convert [B, T, d] to float64 itself.
+    # Streams: "in" (block input), "attn_out" (stream after attention), "mlp_in" (stream the MLP reads),
+    # "mlp_out" (mlp_in plus the MLP's contribution), "out" (block output). Inner products are summed in float64 from the float32 values.
+    def stream(self, name: str) -> torch.Tensor:
+        key = ("stream", name)
+        if key not in self._memo:
+            if name == "in":
+                t = self.h_in
+            elif name == "out":
+                t = self.h_out
+            elif name == "mlp_in":
+                t = self.mlp_in
+            elif name == "attn_out":
+                t = self.h_mid if self.h_mid is not None else self.h_in + self.delta_attn
+            elif name == "mlp_out":
+                t = self.h_out if self.h_mid is not None else self.mlp_in + self.delta_mlp
+            else:
+                raise LayerscopeError(f"unknown stream '{name}'")
+            self._memo[key] = t.detach().double()
+        return self._memo[key]
+
+    def inherit(self, previous: "BlockObservation | None", h_in: torch.Tensor) -> None:
+        """Reuse the previous block's float64 output statistics as this block's input ones (same tensor)."""
+        if previous is not None and previous.h_out is h_in:
+            for kind in ("stream", "norm"):
+                if (kind, "out") in previous._memo:
+                    self._memo[(kind, "in")] = previous._memo[(kind, "out")]
+        if previous is not None:
+            previous._memo.clear()  # its other statistics are not needed any more
+
+    def dot(self, a: str, b: str) -> torch.Tensor:
+        """Per-token <a, b> in float64 ([B, T])."""
+        if a == b:
+            return self.norm(a).square()
+        key = ("dot",) + tuple(sorted((a, b)))
+        if key not in self._memo:
+            self._memo[key] = (self.stream(a) * self.stream(b)).sum(-1)
+        return self._memo[key]
+
+    def norm(self, name: str) -> torch.Tensor:
+        key = ("norm", name)
+        if key not in self._memo:
+            self._memo[key] = torch.linalg.vector_norm(self.stream(name), dim=-1)
+        return self._memo[key]
+
+    def cos(self, a: str, b: str) -> torch.Tensor:
+        """Per-token cosine in float64 (eps 1e-12 as F.cosine_similarity)."""
+        return self.dot(a, b) / (self.norm(a) * self.norm(b)).clamp_min(1e-12)
+
+    def delta_norm(self, a: str, b: str) -> torch.Tensor:
+        """Per-token ||b - a|| from the float64 norms and inner product (no [B, T, d] difference)."""
+        return (self.dot(a, a) + self.dot(b, b) - 2 * self.dot(a, b)).clamp_min(0).sqrt()
+
     @property
     def mlp_in(self) -> torch.Tensor:
         """Residual stream the MLP reads (block input for parallel blocks)."""

@@ -49,8 +49,10 @@ class AttentionHeads(Metric):
             return
         q0 = 1 if self.causal and p.shape[2] > 1 else 0  # the first query can only attend to itself
         p = p[:, :, q0:, :]
-        ent = -torch.xlogy(p, p).sum(-1, dtype=torch.float64)  # [B, H, T']
-        self.ent[i] += ent.sum(dim=(0, 2))
+        # per-query entropy summed in float32 over at most a few thousand keys (relative error ~1e-6), then
+        # accumulated in float64; a float64 copy of the [B, H, T, S] probabilities would cost more than the rest
+        ent = -torch.xlogy(p, p).sum(-1)  # [B, H, T']
+        self.ent[i] += ent.double().sum(dim=(0, 2))
         self.sink[i] += p[..., 0].double().sum(dim=(0, 2))
         self.n_q[i] += p.shape[0] * p.shape[2]
         if obs.head_out is not None:

@@ -4,32 +4,26 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from layerscope.metrics.base import Accumulator, BlockObservation, Column, Metric
 
 
-def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-token 1 - cos(a, b) in float64 (so tiny changes are not lost to rounding)."""
-    return 1.0 - F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
-
-
 class _PerUnitMetric(Metric):
-    """A per-token statistic of (stream in, stream out, contribution) for the block and each sublayer."""
+    """A per-token statistic of (stream in, stream out) for the block and each sublayer, read from the
+    observation's shared float64 norms and inner products (BlockObservation.dot)."""
 
-    def per_token(self, x_in: torch.Tensor, x_out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    PAIRS = {"block": ("in", "out"), "attention": ("in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
+
+    def per_token(self, obs: BlockObservation, a: str, b: str) -> torch.Tensor:
         raise NotImplementedError
 
     def begin(self, ctx):
         super().begin(ctx)
-        self.acc = {u: Accumulator(self.L) for u in ("block", "attention", "mlp")}
+        self.acc = {u: Accumulator(self.L) for u in self.PAIRS}
 
     def observe(self, obs: BlockObservation) -> None:
-        i = obs.index
-        d_attn, d_mlp = obs.delta_attn, obs.delta_mlp
-        self.acc["block"].add(i, self.per_token(obs.h_in, obs.h_out, obs.h_out - obs.h_in))
-        self.acc["attention"].add(i, self.per_token(obs.h_in, obs.h_in + d_attn, d_attn))
-        self.acc["mlp"].add(i, self.per_token(obs.mlp_in, obs.mlp_in + d_mlp, d_mlp))
+        for unit, (a, b) in self.PAIRS.items():
+            self.acc[unit].add(obs.index, self.per_token(obs, a, b))
 
     def finish(self) -> list[Column]:
         return [self.column(u, a.mean()) for u, a in self.acc.items()]
@@ -49,8 +43,8 @@ class BlockInfluence(_PerUnitMetric):
     definition = "1 - mean over tokens of cos(input, output) of the unit's residual stream"
     reference = "ShortGPT (Men et al. 2024); What Matters in Transformers? (He et al. 2024)"
 
-    def per_token(self, x_in, x_out, delta):
-        return one_minus_cos(x_in, x_out)
+    def per_token(self, obs, a, b):
+        return 1.0 - obs.cos(a, b)
 
 
 class AngularDistance(Metric):
@@ -72,18 +66,25 @@ class AngularDistance(Metric):
         self.windows = tuple(ctx.options.get("angular_windows", self.windows))
         self.nmax = max(self.windows)
         self.acc = {n: Accumulator(self.L) for n in self.windows}
-        self.history: dict[int, dict[int, torch.Tensor]] = {}  # batch -> {block index: its input}
+        # batch -> {block index: (its input in float64, per-token norms)}
+        self.history: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, obs: BlockObservation) -> None:
         hist = self.history.setdefault(obs.batch_index, {})
-        hist[obs.index] = obs.h_in
+        hist[obs.index] = (obs.stream("in"), obs.norm("in"))
         # The output of block i is the input of block i+1.
         end = obs.index + 1
+        out, n_out = obs.stream("out"), obs.norm("out")
         for n in self.windows:
             start = end - n
-            if start >= 0 and start in hist:
-                cos = F.cosine_similarity(hist[start].double(), obs.h_out.double(), dim=-1, eps=1e-12)
-                self.acc[n].add(start, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)
+            if start == obs.index:  # the block's own input: shared with block influence
+                cos = obs.cos("in", "out")
+            elif start >= 0 and start in hist:
+                x, n_x = hist[start]
+                cos = (x * out).sum(-1) / (n_x * n_out).clamp_min(1e-12)
+            else:
+                continue
+            self.acc[n].add(start, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)
         for k in [k for k in hist if k <= end - self.nmax]:
             del hist[k]
 
@@ -107,8 +108,8 @@ class RelativeContribution(_PerUnitMetric):
     definition = "mean over tokens of ||unit output - unit input|| / ||unit input|| on the residual stream"
     reference = "Csordas et al. 2025, Do Language Models Use Their Depth Efficiently?"
 
-    def per_token(self, x_in, x_out, delta):
-        return delta.double().norm(dim=-1) / x_in.double().norm(dim=-1).clamp_min(1e-12)
+    def per_token(self, obs, a, b):
+        return obs.delta_norm(a, b) / obs.norm(a).clamp_min(1e-12)
 
 
 class HiddenStateGrowth(Metric):
@@ -131,11 +132,13 @@ class HiddenStateGrowth(Metric):
         self.growth = Accumulator(self.L)
 
     def observe(self, obs: BlockObservation) -> None:
-        out = obs.h_out.double()
-        n_out = out.norm(dim=-1)
+        out = obs.stream("out")
+        n_out = obs.norm("out")
+        d = out.shape[-1]
+        mean = out.sum(dim=-1) / d
         self.norm.add(obs.index, n_out)
-        self.var.add(obs.index, out.var(dim=-1, unbiased=False))
-        self.growth.add(obs.index, n_out / obs.h_in.double().norm(dim=-1).clamp_min(1e-12))
+        self.var.add(obs.index, (obs.dot("out", "out") / d - mean * mean).clamp_min(0))  # E[x²] − E[x]², float64
+        self.growth.add(obs.index, n_out / obs.norm("in").clamp_min(1e-12))
 
     def finish(self) -> list[Column]:
         return [

@@ -227,6 +227,7 @@ def scan(
 
     with torch.no_grad(), _progress(progress, L, f"scan {model_id}") as advance:
         hidden: list[torch.Tensor] = []
+        carried: dict[int, BlockObservation] = {}  # batch -> last observation (its output is the next input)
         if runner is not None:
             runner.capture()
             hidden = [b.first_hidden for b in runner.batches]
@@ -237,7 +238,7 @@ def scan(
                 for m in instances:
                     m.observe_weights(i)
             if runner is not None:
-                hidden = _run_block(runner, parts, i, hidden, needs, data_metrics)
+                hidden = _run_block(runner, parts, i, hidden, needs, data_metrics, carried)
             for m in instances:
                 m.block_done(i)
             advance()
@@ -278,7 +279,7 @@ def scan(
 
 
 def _run_block(runner: BlockRunner, parts: ModelParts, i: int, hidden: list[torch.Tensor], needs: set[str],
-               metrics: list[Metric]) -> list[torch.Tensor]:
+               metrics: list[Metric], carried: dict[int, BlockObservation]) -> list[torch.Tensor]:
     observer = _Observer(parts, i, needs)
     out_hidden = []
     try:
@@ -291,8 +292,10 @@ def _run_block(runner: BlockRunner, parts: ModelParts, i: int, hidden: list[torc
             obs = BlockObservation(index=i, batch_index=b, h_in=h, h_out=out, h_mid=s.get("h_mid"),
                                    attn_out=s.get("attn_out"), attn_probs=observer.store.get("attn_probs"),
                                    head_out=s.get("head_out"), mlp_act=s.get("mlp_act"))
+            obs.inherit(carried.get(b), h)
             for m in metrics:
                 m.observe(obs)
+            carried[b] = obs
             out_hidden.append(out)
             hidden[b] = None  # type: ignore[call-overload]  # free the input as soon as possible
     finally:

@@ -44,6 +44,7 @@ class LowrankPlan(Plan):
     damp: float = 1e-4
     predicted_loss: float | None = None
     loss_model: str | None = None
+    exact_loss: str | None = Field(None, description="exact allocation's loss: fisher (predicted ΔNLL) | relative")
     notes: list[str] = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict)
 

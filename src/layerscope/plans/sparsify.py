@@ -51,6 +51,8 @@ class SparsifyPlan(Plan):
     scores: list[float | None] | None = Field(None, description="what the allocation read per block (LOD, metric)")
     predicted_loss: float | None = None
     loss_model: str | None = None
+    exact_loss: str = Field("output_kl", description="exact allocation's loss: output_kl | block_error")
+    exact_loss_tokens: int = Field(1024, description="calibration tokens the output_kl curves are measured on")
     notes: list[str] = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict)
 

@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         reduction: Optional[float] = typer.Option(None, "--reduction", help="Fraction of the blocks' linear parameters to remove (e.g. 0.2)."),
         method: str = typer.Option("whitened", "--method", help="whitened (SVD-LLM, activation-aware) or svd (plain)."),
         allocation: str = typer.Option("uniform", "--allocation", help="uniform ranks, or exact (measured truncation loss + exact allocator)."),
+        exact_loss: str = typer.Option("fisher", "--exact-loss", help="--allocation exact's loss per layer: fisher (predicted ΔNLL: output error weighted by the loss gradient, one backward pass) or relative (relative output error; every layer alike)."),
         tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens (Wikipedia calibration split)."),
         seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
         out: Path = typer.Option(Path("layerscope-lowrank"), "--out", "-o", help="Output directory."),
@@ -37,7 +38,8 @@ def register(app: typer.Typer) -> None:
 
         if plan is None and reduction is None:
             raise LayerscopeError("--reduction is required (or --plan FILE)")
-        request = dict(reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len)
+        request = dict(reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len,
+                       exact_loss=exact_loss)
         if dry_run:
             the_plan = LowrankPlan.from_file(plan) if plan else plan_lowrank(
                 model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)

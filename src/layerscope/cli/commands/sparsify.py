@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(256, "--seq-len", help="Calibration window length."),
         owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL's λ: levels spread over ±λ around the target."),
         owl_m: float = typer.Option(5.0, "--owl-m", help="OWL's M: outliers are Wanda scores above M × mean."),
+        exact_loss: str = typer.Option("output_kl", "--exact-loss", help="--allocation exact's measured loss: output_kl (KL of the model's predictions, each block pruned alone) or block_error (the block's own relative output error; cheaper)."),
         out: Path = typer.Option(Path("layerscope-sparse"), "--out", "-o", help="Output directory."),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity of the dense and the sparse model."),
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Tokens of held-out Wikipedia for --eval."),
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--sparsity is required (or --plan FILE, or an N:M --pattern)")
         request = dict(sparsity=sparsity if sparsity is not None else 0.5, method=method, pattern=pattern,
                        allocation=allocation, scores=scores, tokens=tokens, seq_len=seq_len, owl_lambda=owl_lambda,
-                       owl_m=owl_m)
+                       owl_m=owl_m, exact_loss=exact_loss)
         if dry_run:
             the_plan = SparsifyPlan.from_file(plan).check() if plan else plan_sparsify(
                 model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
