@@ -66,12 +66,13 @@ class AngularDistance(Metric):
         self.windows = tuple(ctx.options.get("angular_windows", self.windows))
         self.nmax = max(self.windows)
         self.acc = {n: Accumulator(self.L) for n in self.windows}
-        # batch -> {block index: (its input in float64, per-token norms)}
+        # batch -> {block index: (its input as it came, per-token float64 norms)}; kept in the stream's own dtype
+        # (float64 copies of up to 8 blocks' inputs per batch would double this metric's memory)
         self.history: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, obs: BlockObservation) -> None:
         hist = self.history.setdefault(obs.batch_index, {})
-        hist[obs.index] = (obs.stream("in"), obs.norm("in"))
+        hist[obs.index] = (obs.h_in, obs.norm("in"))
         # The output of block i is the input of block i+1.
         end = obs.index + 1
         out, n_out = obs.stream("out"), obs.norm("out")
@@ -81,7 +82,7 @@ class AngularDistance(Metric):
                 cos = obs.cos("in", "out")
             elif start >= 0 and start in hist:
                 x, n_x = hist[start]
-                cos = (x * out).sum(-1) / (n_x * n_out).clamp_min(1e-12)
+                cos = (x.double() * out).sum(-1) / (n_x * n_out).clamp_min(1e-12)
             else:
                 continue
             self.acc[n].add(start, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)
