@@ -343,7 +343,9 @@ def test_quant_sensitivity_prefix_reuse_equals_naive():
     kl = kl_from_details(col.details)
     for s in (qb.Scheme(2, 64), qb.Scheme(3, 64)):
         naive = naive_quant_sensitivity(m, ids, s)
-        assert kl[s] == pytest.approx(naive, rel=1e-4, abs=1e-9)
+        # the prefix path scores through the identity KL = negent − x·m + logsumexp (evaluation/scoring.py), whose
+        # terms are O(1) in float32: it loses ~1e-7 absolutely to cancellation against KLs of ~3e-4 here
+        assert kl[s] == pytest.approx(naive, rel=1e-4, abs=1e-7)
     assert all(a > b for a, b in zip(kl[qb.Scheme(2, 64)], kl[qb.Scheme(3, 64)]))
 
 
