@@ -123,6 +123,7 @@ def test_cli_lowrank_exact_plan_records_its_loss_and_meets_the_budget(loss, tiny
     assert plan["exact_loss"] == loss and plan["predicted_loss"] > 0
     assert plan["loss_model"].startswith("predicted ΔNLL" if loss == "fisher" else "relative layer-output")
     assert plan["achieved_reduction"] >= 0.3 - 0.01
-    code, out, err = run_cli(["lowrank", tiny_dir, "--reduction", "0.3", "--allocation", "exact", "--exact-loss",
-                              "nope", "--dry-run"], monkeypatch, capsys)
-    assert code != 0 and "Traceback" not in err and "exact loss must be one of" in err
+    for verb, amount in (("lowrank", ["--reduction", "0.3"]), ("sparsify", ["--sparsity", "0.5"])):
+        code, out, err = run_cli([verb, tiny_dir, *amount, "--allocation", "uniform", "--exact-loss", "nope",
+                                  "--dry-run"], monkeypatch, capsys)
+        assert code != 0 and "Traceback" not in err and "--exact-loss must be one of" in err

@@ -150,6 +150,8 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         raise LayerscopeError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     if allocation not in ALLOCATIONS:
         raise LayerscopeError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
+    if exact_loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{exact_loss}'")
     lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     parts = find_parts(lm.model)
     layers = [(f"{parts.blocks_path}.{i}.{n}", i, n, tuple(m.weight.shape))

@@ -180,6 +180,8 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         raise LayerscopeError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     n, m = parse_pattern(pattern)
     kind, metric = sp.parse_allocation(allocation)
+    if exact_loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{exact_loss}'")
     sparsity = (1 - n / m) if m else check_sparsity(sparsity, "--sparsity")
     if tokens < seq_len or seq_len < 2:
         raise LayerscopeError("--tokens must be at least --seq-len (and --seq-len at least 2)")
