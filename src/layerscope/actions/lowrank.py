@@ -9,6 +9,7 @@ transformers loads it), the plan, a result (kind layerscope.lowrank) and a repor
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ def _entry(name, block, linear, shape, rank) -> RankEntry:
 
 
 EXACT_LOSSES = ("fisher", "relative")
+
+
+def check_exact_loss(loss: str) -> None:
+    if loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
 LOSS_MODELS = {
     "fisher": "predicted ΔNLL (nats/token) ½ Σ_j F_j (E M Eᵀ)_jj of each layer truncated alone, E = W − Ŵ, "
               "M = XᵀX/tokens, F = mean squared gradient of the NLL at the layer's outputs (one backward pass), summed",
@@ -90,8 +96,7 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher
     from layerscope.compress.lowrank import factorize, fisher_loss, relative_output_error
     from layerscope.engine.moments import linear_moments
 
-    if loss not in EXACT_LOSSES:
-        raise LayerscopeError(f"exact loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
+    check_exact_loss(loss)
     fisher = None
     if loss == "fisher":
         from layerscope.compress.quant_stats import output_fisher
@@ -150,8 +155,7 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         raise LayerscopeError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     if allocation not in ALLOCATIONS:
         raise LayerscopeError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
-    if exact_loss not in EXACT_LOSSES:
-        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{exact_loss}'")
+    check_exact_loss(exact_loss)
     lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     parts = find_parts(lm.model)
     layers = [(f"{parts.blocks_path}.{i}.{n}", i, n, tuple(m.weight.shape))
@@ -284,8 +288,6 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
         data["protocol"] = proto.model_dump()
         say(f"perplexity ({proto.describe()}): dense {base:.4f}, low rank {got:.4f}")
         if fisher:
-            import math
-
             data["measured_loss"] = math.log(got / base)
     if plan.predicted_loss is not None and data["measured_loss"] is not None:
         say(f"loss: predicted {plan.predicted_loss:.4f}, measured {data['measured_loss']:.4f} "

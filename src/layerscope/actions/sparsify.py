@@ -89,8 +89,7 @@ def loss_curves(parts, ids, method: str, pattern: str, levels: list[float], *, d
     from layerscope.compress.sparse import prune_weight
     from layerscope.engine.moments import linear_moments
 
-    if loss not in EXACT_LOSSES:
-        raise LayerscopeError(f"exact loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
+    check_exact_loss(loss)
     curves: list[list[float]] = []
     tap = BlockTap(parts.blocks, tap_batches if loss == "block_error" else 0)
     out = None
@@ -119,6 +118,11 @@ def _loss_rows(ids, loss_tokens: int) -> int:
 
 
 EXACT_LOSSES = ("output_kl", "block_error")
+
+
+def check_exact_loss(loss: str) -> None:
+    if loss not in EXACT_LOSSES:
+        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{loss}'")
 LOSS_MODELS = {
     "output_kl": "KL(dense ‖ block i pruned alone by {method}) of the next-token distributions, nats/token on {n} "
                  "calibration tokens through the rest of the model, made non-decreasing in sparsity, summed over blocks",
@@ -154,8 +158,8 @@ def prune_model(parts, ids, method: str, pattern: str, levels: list[float], *, d
 def plan_sparsify(model=None, *, sparsity: float, method: str = "wanda", pattern: str = "unstructured",
                   allocation: str = "uniform", tokens: int = 8192, seq_len: int = 256, owl_lambda: float = 0.08,
                   owl_m: float = 5.0, damp: float = 0.01, scores=None, level_step: float = 0.05, level_span: int = 3,
-                  exact_loss: str = "output_kl", exact_loss_tokens: int = 1024, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None
-                  ) -> SparsifyPlan:
+                  exact_loss: str = "output_kl", exact_loss_tokens: int = 1024, quiet: bool = True,
+                  trust_remote_code: bool = False, device=None, dtype=None, loaded=None) -> SparsifyPlan:
     """Resolve a sparsify request into a SparsifyPlan (measuring what the allocation needs)."""
     return _resolve(model, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation, tokens=tokens,
                     seq_len=seq_len, owl_lambda=owl_lambda, owl_m=owl_m, damp=damp, scores=scores,
@@ -180,8 +184,7 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
         raise LayerscopeError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     n, m = parse_pattern(pattern)
     kind, metric = sp.parse_allocation(allocation)
-    if exact_loss not in EXACT_LOSSES:
-        raise LayerscopeError(f"--exact-loss must be one of {', '.join(EXACT_LOSSES)}, got '{exact_loss}'")
+    check_exact_loss(exact_loss)
     sparsity = (1 - n / m) if m else check_sparsity(sparsity, "--sparsity")
     if tokens < seq_len or seq_len < 2:
         raise LayerscopeError("--tokens must be at least --seq-len (and --seq-len at least 2)")
@@ -321,7 +324,7 @@ def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: 
         from layerscope.compress.blockwise import OutputTap
 
         # the same loss the curves measured, now with every block pruned at once (so interactions show)
-        kl = OutputTap(find_parts(dense), ids[:_loss_rows(ids, plan.exact_loss_tokens)]).kl(0, parts.blocks)
+        kl = OutputTap(find_parts(dense), ids[:_loss_rows(ids, plan.exact_loss_tokens)]).kl_of(parts)
         data["measured_loss"] = kl
         data["measured_loss_model"] = "KL(dense ‖ pruned model), nats/token, same calibration tokens as the curves"
     else:

@@ -69,53 +69,52 @@ class BlockTap:
 
 
 class OutputTap:
-    """KL(dense ‖ one block changed) per token on calibration windows `ids` [N, T] (see the module docstring).
+    """KL(dense ‖ changed) per token on calibration windows `ids` [N, T] (see the module docstring).
 
     Build it before any block changes; `kl(i)` assumes blocks i+1.. are still dense. Needs every block's
-    weights in memory (not out-of-core): each measurement runs the rest of the model.
+    weights in memory (not out-of-core): each measurement runs the rest of the model. Runs blocks with
+    ablation's prefix-reuse helpers (one caching pass, then blocks i.. from the kept input).
     """
 
     def __init__(self, parts, ids: torch.Tensor, batch_size: int = 4):
         from layerscope.engine.runner import BlockRunner, make_batches
         from layerscope.evaluation.scoring import OutputHead
-        from layerscope.metrics.ground_truth.ablation import Reference
+        from layerscope.metrics.ground_truth.ablation import Reference, _cache_inputs
 
         self.runner = BlockRunner(parts, make_batches(ids, batch_size)[0])
         self.runner.capture()
         head = OutputHead.of(parts)
-        self.inputs: list[list[torch.Tensor]] = []  # [batch][block] the dense model's input of each block
+        self.inputs: list[dict[int, torch.Tensor]] = []  # [batch] {block: the dense model's input of it}
         self.refs = []
         with torch.no_grad():
             for batch in self.runner.batches:
-                h, kept = batch.first_hidden, []
-                for j in range(parts.num_layers):
-                    kept.append(h)
-                    h = self.runner.forward_block(j, h, batch)
+                kept, h_final = _cache_inputs(self.runner, batch)
                 self.inputs.append(kept)
-                self.refs.append(Reference(self.runner, batch.inputs["input_ids"], h, head=head))
-        self.tokens = int(ids.numel())
+                self.refs.append(Reference(self.runner, batch.inputs["input_ids"], h_final, head=head))
 
-    @torch.no_grad()
-    def kl(self, i: int, blocks: nn.ModuleList | None = None) -> float:
-        """Mean KL(dense ‖ now) per position: blocks i.. as they are now run from the dense input of block i.
-
-        kl(i) with every block but i dense is block i's own cost; kl(0, other.blocks) is the whole cost of
-        another copy of the model whose blocks all changed (same embeddings, same block arguments).
-        """
+    def _mean_kl(self, finals) -> float:
         total = n = 0.0
-        run = self.runner.parts.blocks if blocks is None else blocks
-        for batch, kept, ref in zip(self.runner.batches, self.inputs, self.refs):
-            h = kept[i]
-            for j in range(i, len(run)):
-                if blocks is None:
-                    h = self.runner.forward_block(j, h, batch)
-                else:  # the runner's batches use the model's own attention implementation: call directly
-                    args, kwargs = batch.block_args[j]
-                    out = run[j](h, *args, **kwargs)
-                    h = out[0] if isinstance(out, tuple) else out
+        for ref, h in zip(self.refs, finals):
             score = ref.score_hidden(h)
             total, n = total + score.kl, n + score.n
         return total / n
+
+    @torch.no_grad()
+    def kl(self, i: int) -> float:
+        """Mean KL(dense ‖ now) per position with blocks i.. as they are now, run from block i's dense input."""
+        from layerscope.metrics.ground_truth.ablation import _run
+
+        return self._mean_kl(_run(self.runner, b, kept[i], i) for b, kept in zip(self.runner.batches, self.inputs))
+
+    @torch.no_grad()
+    def kl_of(self, parts) -> float:
+        """Mean KL(dense ‖ another model) per position on the same windows (e.g. the fully pruned copy)."""
+        from layerscope.engine.runner import BlockRunner
+        from layerscope.metrics.ground_truth.ablation import _run
+
+        runner = BlockRunner(parts, [b.inputs for b in self.runner.batches])
+        runner.capture()
+        return self._mean_kl(_run(runner, b, b.first_hidden, 0) for b in runner.batches)
 
 
 @contextmanager

@@ -73,9 +73,9 @@ class BlockObservation:
             self._memo[key] = t.detach().double()
         return self._memo[key]
 
-    def inherit(self, previous: "BlockObservation | None", h_in: torch.Tensor) -> None:
+    def inherit(self, previous: "BlockObservation | None") -> None:
         """Reuse the previous block's float64 output statistics as this block's input ones (same tensor)."""
-        if previous is not None and previous.h_out is h_in:
+        if previous is not None and previous.h_out is self.h_in:
             for kind in ("stream", "norm"):
                 if (kind, "out") in previous._memo:
                     self._memo[(kind, "in")] = previous._memo[(kind, "out")]

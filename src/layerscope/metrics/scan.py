@@ -292,7 +292,7 @@ def _run_block(runner: BlockRunner, parts: ModelParts, i: int, hidden: list[torc
             obs = BlockObservation(index=i, batch_index=b, h_in=h, h_out=out, h_mid=s.get("h_mid"),
                                    attn_out=s.get("attn_out"), attn_probs=observer.store.get("attn_probs"),
                                    head_out=s.get("head_out"), mlp_act=s.get("mlp_act"))
-            obs.inherit(carried.get(b), h)
+            obs.inherit(carried.get(b))
             for m in metrics:
                 m.observe(obs)
             carried[b] = obs
