@@ -8,9 +8,13 @@ Options: bits {2,3,4,8} x group {32,64,128}; bpw counted in HQQ's storage format
 (codes + 16-bit scale and zero per group; 3-bit packs ten codes per int32). Rows:
   * RTN-uniform / GPTQ-uniform: the best single option within the budget (GPTQ groups must divide
     the row, so g128 on 576-wide rows is realised as g64 and costed as such);
-  * RTN-exact / GPTQ-exact: exact MILP per linear layer over the losses measured for every
+  * RTN-MILP / GPTQ-MILP: exact MILP per linear layer over the losses measured for every
     candidate with its own quantizer (compress.quant_stats; one gradient pass + one statistics pass
-    on LAYERSCOPE_BENCH_CALIB_TOKENS calibration tokens, shared by both methods);
+    on LAYERSCOPE_BENCH_CALIB_TOKENS calibration tokens; token_fisher loss model, each option's
+    estimates rescaled by its measured uniform plan);
+  * RTN-exact / GPTQ-exact: what `quantize --by measured` ships: among the uniform plan and the MILP
+    plans changing at most 1, 2, 4, ... 64 layers from it (or any number), the one with the least
+    ΔNLL measured on the first 4,096 calibration tokens (plans.quant_measured.measured_search);
   * llama.cpp rule: use_more_bits() blocks get the higher option (RTN), as in bench/quant_allocation.py.
 GPTQ here uses the Hessians of the unquantized model (not sequential), damping LAYERSCOPE_BENCH_DAMP (0.1), no act-order.
 For the exact rows the predicted ΔNLL (nats/token) is printed next to the measured ln(ppl/ppl_fp32).
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quant_common import OUT, log, wait_for_assets  # noqa: E402
 
 
-ROWS = ("RTN-uniform", "RTN-exact", "GPTQ-uniform", "GPTQ-exact", "llama.cpp rule")
+ROWS = ("RTN-uniform", "RTN-MILP", "RTN-exact", "GPTQ-uniform", "GPTQ-MILP", "GPTQ-exact", "llama.cpp rule")
 
 
 def main() -> None:
@@ -65,8 +69,12 @@ def main() -> None:
     log(f"{lm.model_id}: fp32 perplexity {base:.4f} ({proto.describe()})")
 
     wanted = [x.strip() for x in os.environ.get("LAYERSCOPE_BENCH_ROWS", ",".join(ROWS)).split(",") if x.strip()]
-    rtn_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "rtn")
-    gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq")
+    methods = os.environ.get("LAYERSCOPE_BENCH_METHODS", "rtn,gptq").split(",")  # split over processes, then --merge
+    wanted = [r for r in wanted if r.split("-")[0].lower() in methods or (r == "llama.cpp rule" and "rtn" in methods)]
+    loss_model = os.environ.get("LAYERSCOPE_BENCH_LOSS_MODEL", "token_fisher")
+    joint_tokens = int(os.environ.get("LAYERSCOPE_BENCH_JOINT_TOKENS", 4096))
+    rtn_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "rtn") if "rtn" in methods else []
+    gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq") if "gptq" in methods else []
     if not set(wanted) & {"RTN-exact", "GPTQ-uniform", "GPTQ-exact"}:  # rows that need no calibration
         calib_tokens = 0
         both = CandidateLosses(options=rtn_opts + gptq_opts)
@@ -76,26 +84,25 @@ def main() -> None:
     from layerscope.compress.quant_stats import Checkpoint
 
     damp = float(os.environ.get("LAYERSCOPE_BENCH_DAMP", 0.1))  # quantize's default
-    ck_dir = OUT / f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}_damp{damp:g}"
-    ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, damp, False))
+    ck_dir = OUT / (f"quant_gptq_checkpoint_{lm.model_id.replace('/', '_')}_{calib_tokens}_damp{damp:g}_"
+                    f"{'+'.join(methods)}_{loss_model}_joint{joint_tokens}")
+    ck = Checkpoint(ck_dir, checkpoint_key(lm, rtn_opts + gptq_opts, calib_tokens, 512, damp, False, loss_model,
+                                           joint_tokens))
     resume = (ck_dir / "candidate_losses.json").is_file()
     only = os.environ.get("LAYERSCOPE_BENCH_MEASURE_BLOCKS")  # "a-b": measure these blocks only, then stop
     if only:
         lo, hi = (int(x) for x in only.split("-"))
         measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume,
-                           keep_hessians=False, only_blocks=lambda i: lo <= i <= hi, damp=damp)
+                           keep_hessians=False, only_blocks=lambda i: lo <= i <= hi, damp=damp,
+                           loss_model=loss_model, joint_tokens=joint_tokens)
         log(f"measured blocks {lo}-{hi} into {ck_dir}")
         return
     if calib_tokens:
         both = measure_candidates(parts, batches, rtn_opts + gptq_opts, log=log, checkpoint=ck, resume=resume,
-                                  damp=damp)
+                                  damp=damp, loss_model=loss_model, joint_tokens=joint_tokens)
     t_measure = time.perf_counter() - t
     log(f"measured {len(both.losses)} layers x {len(both.options)} candidates in {t_measure:.0f} s")
-    split = {}
-    for meth, opts in (("rtn", rtn_opts), ("gptq", gptq_opts)):
-        idx = [both.options.index(o) for o in opts]
-        split[meth] = CandidateLosses(options=opts, losses={n: [r[k] for k in idx] for n, r in both.losses.items()},
-                                      hessians=both.hessians if meth == "gptq" else {}, tokens=both.tokens)
+    split = {meth: both.subset(opts) for meth, opts in (("rtn", rtn_opts), ("gptq", gptq_opts)) if opts}
     common = dict(fmt="hqq", num_layers=parts.num_layers, blocks_path=parts.blocks_path)
     mods = dict(lm.model.named_modules())
 
@@ -111,16 +118,31 @@ def main() -> None:
         a = plan.assignment()
         return {n: fake_quant(mods[n].weight.data, s) for n, s in a.items()}, None
 
+    scorers = {}
+
+    def searched(meth, budget):  # as `quantize --by measured` does: trust-region plans measured on calibration text
+        from layerscope.actions.quantize_measured import JOINT_TOKENS, PlanScorer
+        from layerscope.plans.quant_measured import measured_search
+
+        if meth not in scorers:  # one per method: its cache of quantized (layer, scheme) pairs serves every budget
+            scorers[meth] = PlanScorer(parts, batches, tokens=JOINT_TOKENS, hessians=both.hessians)
+        p, trials = measured_search(layers, split[meth], budget, scorers[meth], method=meth, log=log, **common)
+        searches.append({"budget": budget, "method": meth, "trials": trials})
+        return p
+
+    searches = []
     rows, saved = [], {}
     for budget in budgets:
         measured = bool(both.losses)
         plans = {
             "RTN-uniform": lambda: uniform_plan(layers, rtn_opts, budget, method="rtn",
                                                 losses=split["rtn"] if measured else None, **common),
-            "RTN-exact": lambda: exact_plan(layers, split["rtn"], budget, method="rtn", **common),
+            "RTN-MILP": lambda: exact_plan(layers, split["rtn"], budget, method="rtn", **common),
+            "RTN-exact": lambda: searched("rtn", budget),
             "GPTQ-uniform": lambda: uniform_plan(layers, gptq_opts, budget, method="gptq", losses=split["gptq"],
                                                  **common),
-            "GPTQ-exact": lambda: exact_plan(layers, split["gptq"], budget, method="gptq", **common),
+            "GPTQ-MILP": lambda: exact_plan(layers, split["gptq"], budget, method="gptq", **common),
+            "GPTQ-exact": lambda: searched("gptq", budget),
             "llama.cpp rule": lambda: al.llamacpp_plan(layers, rtn_opts, budget, **common)}
         for name in [r for r in ROWS if r in wanted]:
             p = plans[name]()
@@ -143,6 +165,7 @@ def main() -> None:
               "protocol": proto.model_dump(), "protocol_text": proto.describe(), "calib_tokens": calib_tokens,
               "measure_seconds": t_measure, "candidates": len(both.options), "layers": len(both.losses),
               "budgets": budgets, "rows": rows, "saved": saved, "save_budget": save_budget,
+              "loss_model": loss_model, "joint_tokens": joint_tokens, "joint": both.joint, "searches": searches,
               "seconds": time.perf_counter() - t0}
     print_table(result)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,31 @@ def test_allocation_of_sparsity_levels_keeps_within_budget_and_beats_uniform():
 def test_infeasible_budget_is_one_clear_error():
     with pytest.raises(LayerscopeError, match="cheapest plan"):
         solve_ragged([[1.0, 2.0]], [[5.0, 6.0]], 4.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_trust_region_matches_brute_force_over_plans_changing_at_most_k_units(seed, k):
+    rng = np.random.default_rng(10 + seed)
+    U = 6
+    loss, cost = [], []
+    for _ in range(U):
+        n = int(rng.integers(2, 4))
+        cost.append(list(np.sort(rng.uniform(1, 10, n))))
+        loss.append(list(np.sort(rng.uniform(0, 5, n))[::-1]))
+    anchor = [int(rng.integers(0, len(r))) for r in loss]
+    capacity = sum(cost[u][a] for u, a in enumerate(anchor)) + 0.5  # the anchor itself fits
+    best = None
+    for choice in itertools.product(*[range(len(r)) for r in loss]):
+        if sum(a != b for a, b in zip(choice, anchor)) > k:
+            continue
+        if sum(cost[u][c] for u, c in enumerate(choice)) <= capacity + 1e-9:
+            e = sum(loss[u][c] for u, c in enumerate(choice))
+            best = e if best is None else min(best, e)
+    choice, obj = solve_ragged(loss, cost, capacity, anchor, k)
+    assert sum(a != b for a, b in zip(choice, anchor)) <= k
+    assert obj == pytest.approx(best, abs=1e-9)
+    if k == 0:
+        assert choice == anchor
+    with pytest.raises(LayerscopeError, match="anchor"):
+        solve_ragged(loss, cost, capacity, anchor[:-1], k)

@@ -94,6 +94,23 @@ def test_gptq_output_error_not_above_rtn(bits, act_order):
     assert e_g < e_r
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clipping_search_never_rounds_worse_than_min_max_and_clips_heavy_tailed_groups(bits):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 32, generator=g) * torch.rand(64, 1, generator=g)
+    w[:, 0] *= 6  # one outlier per row: min-max spends the grid on it
+    lo, hi = G.qrange(bits)
+
+    def err(scale):
+        return ((torch.clamp(torch.round(w / scale[:, None]), lo, hi) * scale[:, None] - w) ** 2).sum(1)
+
+    minmax = (w.abs().amax(1) / ((2 ** bits - 1) / 2)).half().float()
+    chosen = G.group_scale(w, bits)
+    assert torch.all(err(chosen) <= err(minmax) + 1e-7)
+    assert torch.all(chosen <= minmax + 1e-7) and bool((chosen < minmax - 1e-6).any())
+    assert torch.equal(chosen, chosen.half().float())  # float16-representable
+
+
 def test_gptq_rejects_group_that_does_not_divide_rows():
     from layerscope.errors import LayerscopeError
 
@@ -131,31 +148,56 @@ def _options(method="gptq"):
     return parse_options([2, 4, 8], [32, 128], method)
 
 
-def test_measured_losses_match_direct_computation_and_gptq_beats_rtn_per_layer():
-    from layerscope.compress.quant_stats import measure_candidates, output_fisher
+def _inputs_and_output_grads(m, name, batches):
+    """X [n, in] and G [n, out] = ∂(summed next-token NLL)/∂y of one linear, from hooks on the plain model."""
+    import torch.nn.functional as F
+
+    mod = m.get_submodule(name)
+    xs, gs = [], []
+
+    def post(_m, a, out):
+        xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+        out.register_hook(lambda g: gs.append(g.detach().reshape(-1, g.shape[-1]).double()))
+
+    h = mod.register_forward_hook(post)
+    try:
+        for b in batches:
+            logits = m(**b).logits
+            ids = b["input_ids"]
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                            reduction="sum").backward()
+    finally:
+        h.remove()
+        m.zero_grad(set_to_none=True)
+    return torch.cat(xs), torch.cat(gs)
+
+
+@pytest.mark.parametrize("loss_model", ["fisher", "token_fisher"])
+def test_measured_losses_match_direct_computation_and_gptq_beats_rtn_per_layer(loss_model):
+    from layerscope.compress.quant_stats import measure_candidates
 
     m, parts = _tiny()
     batches = _batches()
-    res = measure_candidates(parts, batches, _options("gptq"))
-    rtn = measure_candidates(parts, batches, _options("rtn"))
-    fisher, _ = output_fisher(parts, batches)
-    # independent check of one entry: hooks on the plain model give X, quantize with GPTQ, ½ Σ_j F_j ‖(E X)_j‖²/n
+    res = measure_candidates(parts, batches, _options("gptq"), loss_model=loss_model, joint_tokens=0)
+    rtn = measure_candidates(parts, batches, _options("rtn"), loss_model=loss_model, joint_tokens=0)
+    # independent check of one entry: hooks on the plain model give X and the output gradients G
     name = f"{parts.blocks_path}.1.mlp.down_proj"
     mod = m.get_submodule(name)
-    xs = []
-    h = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
-    with torch.no_grad():
-        for b in batches:
-            m(**b)
-    h.remove()
-    X = torch.cat(xs)
+    X, Gr = _inputs_and_output_grads(m, name, batches)
     H = 2 * X.T @ X / X.shape[0]
     H += 0.01 * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     k = res.options.index(next(o for o in res.options if o.bits == 4 and o.group_size == 32))
     qw = G.gptq_quantize(mod.weight.data, H.float(), 4, 32)
     E = (qw.weight.double() - mod.weight.data.double())
-    direct = 0.5 * float((fisher[name].double() * ((E @ X.T) ** 2).sum(1)).sum()) / X.shape[0]
+    D2 = (X @ E.T) ** 2  # [n, out]: squared output change per token and channel
+    G2 = Gr ** 2
+    if loss_model == "fisher":  # ½ Σ_j mean_t(g²)_j · mean_t(δ²)_j
+        direct = 0.5 * float((G2.mean(0) * D2.mean(0)).sum())
+    else:  # ½ Σ_t Σ_j a_t b_j δ_tj² / n with a_t = Σ_j g_tj², b_j = Σ_t g_tj² / Σ g²
+        a, bj = G2.sum(1), G2.sum(0) / G2.sum()
+        direct = 0.5 * float((a[:, None] * bj[None, :] * D2).sum()) / X.shape[0]
     assert res.losses[name][k] == pytest.approx(direct, rel=1e-3)
+    assert res.raw == res.losses  # no joint factors without the joint measurement
     # GPTQ's loss estimate is below RTN's for every layer at 2 and 4 bits (its objective is ‖E X‖²)
     for n in res.losses:
         for c, o in enumerate(res.options):
@@ -165,6 +207,53 @@ def test_measured_losses_match_direct_computation_and_gptq_beats_rtn_per_layer()
     for n, row in res.losses.items():
         by = {o: v for o, v in zip(res.options, row)}
         assert by[type(o)(8, 32, "gptq")] <= by[type(o)(4, 32, "gptq")] <= by[type(o)(2, 32, "gptq")]
+
+
+@torch.no_grad()
+def test_joint_measurement_equals_the_uniform_plan_run_directly_and_scales_each_options_losses():
+    import torch.nn.functional as F
+
+    from layerscope.compress.quant import fake_quant
+    from layerscope.compress.quant_stats import JOINT_FLOOR, measure_candidates
+
+    m, parts = _tiny()
+    g = torch.Generator().manual_seed(0)
+    for p in m.parameters():  # larger weights than the default init: quantization changes the loss measurably
+        if p.dim() == 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    batches = _batches()
+    opts = _options("rtn")
+    res = measure_candidates(parts, batches, opts, joint_tokens=64)
+    joint_batches = batches[:1]  # 4 x 32 = 128 tokens >= 64: the first batch only
+
+    def nll():
+        tot = cnt = 0
+        for b in joint_batches:
+            lg = m(**b).logits
+            tot += float(F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), b["input_ids"][:, 1:].reshape(-1),
+                                         reduction="sum"))
+            cnt += b["input_ids"][:, 1:].numel()
+        return tot / cnt
+
+    base = nll()
+    lin = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n]
+    for k, o in enumerate(opts):
+        saved = {n: m.get_submodule(n).weight.data for n in lin}
+        for n in lin:
+            m.get_submodule(n).weight.data = fake_quant(saved[n], o)
+        direct = nll() - base
+        for n in lin:
+            m.get_submodule(n).weight.data = saved[n]
+        j = res.joint[k]
+        assert j["measured"] == pytest.approx(direct, rel=1e-4, abs=1e-6), o
+        assert j["predicted"] == pytest.approx(sum(r[k] for r in res.raw.values()), rel=1e-9)
+        if j["measured"] >= JOINT_FLOOR and j["predicted"] >= JOINT_FLOOR:
+            assert j["factor"] == pytest.approx(min(max(direct / j["predicted"], 0.1), 10.0), rel=1e-4)
+        else:
+            assert j["factor"] == 1.0 and j["reason"]
+        for n in res.raw:
+            assert res.losses[n][k] == pytest.approx(res.raw[n][k] * j["factor"], rel=1e-12)
+    assert sum(j["factor"] != 1.0 for j in res.joint) >= 2  # with these weights 2- and 4-bit are above the floor
 
 
 def test_exact_plan_within_budget_and_not_worse_than_uniform_on_its_loss_model():
@@ -293,10 +382,12 @@ def test_cli_gptq_saves_compressed_tensors_model_that_transformers_loads(tiny_di
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
-    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--export", "llm-compressor"],
-                            capsys)
+    # --no-search: the unconstrained MILP plan, so both it and the uniform plan are evaluated on held-out text
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(out), "--export", "llm-compressor",
+                             "--no-search"], capsys)
     assert code == 0, err
     res = json.loads((out / "quantize.json").read_text())
+    assert res["plan"]["provenance"]["search"] is None
     rows = res["evaluations"]
     assert rows[0]["name"] == "unquantized" and {"plan (measured)", "uniform (uniform 4b/g64)"} <= {r["name"] for r in rows}
     assert all(r["predicted_dnll"] is not None and r["measured_dnll"] is not None for r in rows[1:])
@@ -346,6 +437,14 @@ def test_ctrl_c_leaves_no_output_and_cli_resume_gives_the_same_numbers(tiny_dir,
     code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS[:-1], "--damp", "0.3", "-q", "--out", str(out),
                              "--resume"], capsys)
     assert code != 0 and "another request" in err
+    # the joint (uniform-plan) measurement is recorded in the plan and survives the resume
+    pa, pb = (json.loads((d / "quantize.json").read_text())["plan"]["provenance"] for d in (ref, out))
+    assert pa["exact_loss"] == "token_fisher" and pa["joint_uniform_plans"] == pb["joint_uniform_plans"]
+    assert [j["measured"] is not None for j in pa["joint_uniform_plans"]] == [True] * 6
+    assert pa["search"] == pb["search"] and pa["search"][0]["changed"] == 0  # the uniform plan is the first trial
+    code, so, err = run_cli(["quantize", str(tiny_dir), *GPTQ_ARGS, "--out", str(tmp_path / "x"),
+                             "--exact-loss", "kfac"], capsys)
+    assert code != 0 and "--exact-loss must be one of" in err and "Traceback" not in err
 
 
 def test_sequential_gptq_sees_the_quantized_prefix():
@@ -386,3 +485,75 @@ def test_smollm2_gptq_model_reloads_with_transformers(tmp_path, capsys):
     assert res["exported"]["compressed-tensors model"]["max_abs_logit_diff"] < 1e-3
     cfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == 1
+
+
+def test_measured_search_keeps_the_plan_that_measures_best_and_records_every_trial():
+    """measured_search scores the uniform plan and the trust-region plans with the given measurement and
+    ships the least; a measurement that penalises every change returns the uniform plan."""
+    from layerscope.compress.quant_stats import measure_candidates
+    from layerscope.plans.allocate import model_layers
+    from layerscope.plans.quant_measured import measured_search, uniform_plan
+
+    m, parts = _tiny()
+    res = measure_candidates(parts, _batches(), _options("rtn"), joint_tokens=0)
+    layers = model_layers(parts)
+    kw = dict(fmt="hqq", num_layers=3, blocks_path=parts.blocks_path, method="rtn")
+    uni = uniform_plan(layers, res.options, 4.25, losses=res, **kw)
+    key = lambda p: [(e.bits, e.group_size) for e in p.entries]  # noqa: E731
+
+    def changes(p):
+        return sum(a != b for a, b in zip(key(p), key(uni)))
+
+    import numpy as np
+
+    noise = np.array([1.0, -1.0, 0.5, -0.5])  # per-sequence deviations around the plan's loss
+
+    # a measurement that agrees with the estimate, up to a per-sequence noise shared by every plan: the least wins
+    plan, trials = measured_search(layers, res, 4.25, lambda p: p.objective + noise, **kw)
+    assert trials[0]["changed"] == 0 and len({t["changed"] for t in trials}) == len(trials) > 2
+    assert plan.objective == pytest.approx(min(t["measured"] for t in trials))
+    assert all(t["changed"] <= (t["max_changes"] if t["max_changes"] is not None else 10 ** 9) for t in trials)
+    assert plan.achieved_bpw <= 4.25 + 1e-9 and changes(plan) > 0
+    # a measurement that penalises every change: the uniform plan
+    plan, trials = measured_search(layers, res, 4.25, lambda p: p.objective + changes(p) + noise, **kw)
+    assert key(plan) == key(uni) and "chosen by measurement" in plan.notes[-1]
+    # a gain smaller than the paired noise between sequences does not replace the uniform plan
+    rough = lambda p: uni.objective - 1e-3 * changes(p) + noise * (changes(p) > 0)  # noqa: E731
+    plan, trials = measured_search(layers, res, 4.25, rough, **kw)
+    assert key(plan) == key(uni) and all(t["clear_gain"] is False for t in trials[1:])
+
+
+@torch.no_grad()
+def test_plan_scorer_equals_the_plan_applied_to_the_model():
+    import torch.nn.functional as F
+
+    from layerscope.actions.quantize_measured import PlanScorer
+    from layerscope.compress.quant import fake_quant
+    from layerscope.compress.quant_stats import measure_candidates
+    from layerscope.plans.allocate import model_layers
+    from layerscope.plans.quant_measured import exact_plan
+
+    m, parts = _tiny()
+    batches = _batches()
+    res = measure_candidates(parts, batches, _options("rtn"), joint_tokens=0)
+    plan = exact_plan(model_layers(parts), res, 4.0, fmt="hqq", num_layers=3, blocks_path=parts.blocks_path,
+                      method="rtn")
+    scorer = PlanScorer(parts, batches, tokens=128)  # the first batch: 4 x 32 tokens
+
+    def nll():
+        b = batches[0]
+        lg = m(**b).logits
+        return float(F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), b["input_ids"][:, 1:].reshape(-1)))
+
+    base = nll()
+    saved = {n: m.get_submodule(n).weight.data for n in plan.assignment()}
+    for n, s in plan.assignment().items():
+        m.get_submodule(n).weight.data = fake_quant(saved[n], s)
+    direct = nll() - base
+    for n, w in saved.items():
+        m.get_submodule(n).weight.data = w
+    # both are differences of two float32 NLLs of ~4.6 nats (per sequence vs averaged): 1e-6 is a few float32 ulps
+    per_seq = scorer(plan)
+    assert per_seq.shape == (4,) and float(per_seq.mean()) == pytest.approx(direct, rel=1e-5, abs=1e-6)
+    assert torch.equal(scorer(plan), per_seq)  # from the cache, the model left unchanged
+    assert nll() == pytest.approx(base, abs=0)

@@ -95,3 +95,38 @@ def test_select_limits_the_watched_linears():
     linear_moments(parts, sample_inputs("llama", n=2, seq=8),
                    on_block=lambda i, b, s: seen.update(s), select=lambda n, m: n.endswith("down_proj"))
     assert seen == {"mlp.down_proj"}
+
+
+def test_token_weighted_moments_match_plain_hooks_and_reject_missing_weights():
+    """token_weights: Σ_t a_t x_t x_tᵀ per linear, with one weight per token of each batch in batch order."""
+    from layerscope.errors import LayerscopeError
+    from layerscope.engine.runner import make_batches
+
+    model = build("llama")
+    parts = find_parts(model)
+    ids = sample_inputs("llama", n=6, seq=16)
+    batches, _ = make_batches(ids, 4)  # batches of 4 and 2 sequences
+    g = torch.Generator().manual_seed(0)
+    names = [f"{parts.blocks_path}.{i}.{n}" for i in range(parts.num_layers) for n in parts.block_linears(i)]
+    weights = {n: [torch.rand(int(b["input_ids"].numel()), generator=g) for b in batches] for n in names}
+    xs: dict[str, list[torch.Tensor]] = {}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_pre_hook(
+        lambda _m, a, n=n: xs.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+        for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    got = {}
+    linear_moments(parts, batches, on_block=lambda i, _b, s: got.update(
+        {f"{parts.blocks_path}.{i}.{n}": st for n, st in s.items()}), sequential=False, token_weights=weights)
+    for n in names:
+        X = torch.cat(xs[n])
+        a = torch.cat(weights[n]).double()
+        torch.testing.assert_close(got[n].wxtx, (X * a[:, None]).T @ X, rtol=1e-4, atol=1e-4)
+        assert got[n].calls == len(batches)
+    short = {n: w[:1] for n, w in weights.items()}
+    with pytest.raises(LayerscopeError, match="more batches than token weights"):
+        linear_moments(parts, batches, on_block=lambda *a: None, sequential=False, token_weights=short)

@@ -44,18 +44,18 @@ def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2
                   by: str = "measured", scores=None, granularity: str = "block", method: str = "rtn",
                   fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
                   device: str | None = None, dtype=None, loaded=None, act_order: bool = False,
-                  damp: float = 0.1) -> QuantPlan:
+                  damp: float = 0.1, exact_loss: str = "token_fisher", search: bool = True) -> QuantPlan:
     """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan."""
     return resolve_quant_plan(model, budget=budget, bits=bits, group=group, by=by, scores=scores,
                               granularity=granularity, method=method, fmt=fmt, tokens=tokens, quiet=quiet,
                               trust_remote_code=trust_remote_code, device=device, dtype=dtype, loaded=loaded,
-                              act_order=act_order, damp=damp)[0]
+                              act_order=act_order, damp=damp, exact_loss=exact_loss, search=search)[0]
 
 
 def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="measured", scores=None,
                        granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
                        trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.1,
-                       out=None, force=False, resume=False, state=None):
+                       out=None, force=False, resume=False, state=None, exact_loss="token_fisher", search=True):
     """`plan_quantize`, also returning (score table used or None, the loaded model)."""
     import datetime as _dt
     import math
@@ -79,6 +79,10 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="me
         raise LayerscopeError(f"--cost-format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if tokens < 1:
         raise LayerscopeError("--tokens must be positive")
+    from layerscope.compress.quant_stats import LOSS_MODELS
+
+    if exact_loss not in LOSS_MODELS:
+        raise LayerscopeError(f"--exact-loss must be one of {', '.join(LOSS_MODELS)}, got '{exact_loss}'")
     table = None
     if scores is not None:
         table = scores if isinstance(scores, ScoreTable) else ScoreTable.from_json(scores)
@@ -100,13 +104,16 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="me
                      options, fmt)
         plan, st = plan_measured(lm, parts, budget=bud, options=options, by=by, fmt=fmt, tokens=tokens, damp=damp,
                                  act_order=act_order, out=out, force=force, resume=resume,
-                                 sources=(lm.path,) if lm.path else (), log=say)
+                                 sources=(lm.path,) if lm.path else (), log=say, loss_model=exact_loss,
+                                 search=search)
         if state is not None:
             state.update(st)
+        measured_losses, search_trials = st.get("losses"), st.get("search")
         used_table = None
     else:
         if resume:
             raise LayerscopeError("--resume continues the measured allocation (--by measured or --method gptq)")
+        measured_losses = search_trials = None
         plan, used_table = build_plan(lm, parts, budget=bud, bits=bit_list, groups=groups, by=by, method=method,
                                       fmt=fmt, granularity=granularity, scores=table, tokens=tokens,
                                       progress=not quiet, log=say)
@@ -126,6 +133,9 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="me
         "granularity": "linear" if by == "measured" else granularity,
         "act_order": act_order if method == "gptq" else None,
         "damp": damp if method == "gptq" else None,
+        "exact_loss": measured_losses.loss_model if measured_losses is not None else None,
+        "joint_uniform_plans": measured_losses.joint if measured_losses is not None else None,
+        "search": search_trials,
         "layerscope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "covers": "the linear layers of every block; embeddings, norms and the output head are not quantized",

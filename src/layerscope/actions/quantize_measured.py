@@ -12,6 +12,7 @@ import torch
 from layerscope.errors import LayerscopeError
 
 CHECKPOINT_DIR = "checkpoint"
+JOINT_TOKENS = 4096  # calibration tokens on which each option's uniform plan is measured (quant_stats)
 
 
 def calibration_batches(tokenizer, tokens: int, seq_len: int = 512, batch_size: int = 4) -> list[dict]:
@@ -26,14 +27,17 @@ def calibration_batches(tokenizer, tokens: int, seq_len: int = 512, batch_size: 
     return make_batches(ids, batch_size)[0]
 
 
-def checkpoint_key(lm, options, tokens: int, seq_len: int, damp: float, act_order: bool) -> dict:
+def checkpoint_key(lm, options, tokens: int, seq_len: int, damp: float, act_order: bool,
+                   loss_model: str = "token_fisher", joint_tokens: int = JOINT_TOKENS) -> dict:
     return {"weights_sha256": lm.weights_sha256, "model": lm.model_id, "options": [o.to_dict() for o in options],
-            "tokens": tokens, "seq_len": seq_len, "damp": damp, "act_order": act_order}
+            "tokens": tokens, "seq_len": seq_len, "damp": damp, "act_order": act_order, "loss_model": loss_model,
+            "joint_tokens": joint_tokens}
 
 
 def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float = 0.1, act_order: bool = False,
             out: Path | None = None, force: bool = False, resume: bool = False, sources: tuple = (),
-            log: Callable[[str], None] = lambda m: None, batches=None):
+            log: Callable[[str], None] = lambda m: None, batches=None, loss_model: str = "token_fisher",
+            joint_tokens: int = JOINT_TOKENS):
     """CandidateLosses for every (block linear, option); checkpointed in out/checkpoint when `out` is given."""
     from layerscope.compress.quant_stats import Checkpoint, measure_candidates
 
@@ -43,12 +47,12 @@ def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float 
 
         claim_output(out, [CHECKPOINT_DIR], verb="quantize", force=force, sources=sources)
         ck_dir = Path(out) / CHECKPOINT_DIR
-    ck = Checkpoint(ck_dir, checkpoint_key(lm, options, tokens, seq_len, damp, act_order))
+    ck = Checkpoint(ck_dir, checkpoint_key(lm, options, tokens, seq_len, damp, act_order, loss_model, joint_tokens))
     batches = batches if batches is not None else calibration_batches(lm.tokenizer, tokens, seq_len)
     log(f"measuring {len(options)} candidates per linear layer on {tokens} calibration tokens"
         + (" (resuming the checkpoint)" if resume else ""))
     res = measure_candidates(parts, batches, options, damp=damp, act_order=act_order, checkpoint=ck,
-                             resume=resume, log=log)
+                             resume=resume, log=log, loss_model=loss_model, joint_tokens=joint_tokens)
     if res.resumed_blocks:
         log(f"resumed: blocks {res.resumed_blocks} taken from the checkpoint")
     return res, batches
@@ -56,7 +60,7 @@ def measure(lm, parts, options, *, tokens: int, seq_len: int = 512, damp: float 
 
 def plan_measured(lm, parts, *, budget: float, options, by: str, fmt: str, tokens: int, seq_len: int = 512,
                   damp: float = 0.1, act_order: bool = False, out=None, force=False, resume=False, sources=(),
-                  log=lambda m: None):
+                  log=lambda m: None, loss_model: str = "token_fisher", search: bool = True):
     """(plan, state) for --by measured | uniform with any method (gptq included)."""
     from layerscope.plans.allocate import model_layers
     from layerscope.plans.quant_measured import exact_plan, uniform_plan
@@ -70,11 +74,72 @@ def plan_measured(lm, parts, *, budget: float, options, by: str, fmt: str, token
     if by != "measured":
         raise LayerscopeError(f"--method {options[0].method} allocates with --by measured or uniform, not '{by}'")
     losses, batches = measure(lm, parts, options, tokens=tokens, seq_len=seq_len, damp=damp, act_order=act_order,
-                              out=out, force=force, resume=resume, sources=sources, log=log)
+                              out=out, force=force, resume=resume, sources=sources, log=log, loss_model=loss_model)
     state.update(losses=losses, batches=batches)
-    plan = exact_plan(layers, losses, budget, **common)
+    if search:
+        from layerscope.plans.quant_measured import measured_search
+
+        log(f"choosing how far to move from the uniform plan: each candidate plan measured on "
+            f"{min(tokens, JOINT_TOKENS)} calibration tokens")
+        scorer = PlanScorer(parts, batches, tokens=JOINT_TOKENS, hessians=losses.hessians, act_order=act_order)
+        plan, trials = measured_search(layers, losses, budget, scorer, log=log, **common)
+        state["search"] = trials
+    else:
+        plan = exact_plan(layers, losses, budget, **common)
     state["uniform"] = uniform_plan(layers, options, budget, losses=losses, **common)
     return plan, state
+
+
+class PlanScorer:
+    """Measured ΔNLL (nats/token) of a plan on the first `tokens` calibration tokens (the tokens of the
+    joint measurement), each (layer, scheme) quantized once with the plan's own quantizer and kept
+    (GPTQ with the layer's Hessian from the statistics pass): a trust-region search scores several
+    plans that share most layers. Memory: the quantized weights of every (layer, scheme) scored."""
+
+    def __init__(self, parts, batches, *, tokens: int, hessians=None, act_order: bool = False):
+        sub, n = [], 0
+        for b in batches:
+            if n >= tokens:
+                break
+            sub.append(b)
+            n += int(b["input_ids"].numel())
+        self.parts, self.batches, self.hessians, self.act_order = parts, sub, hessians or {}, act_order
+        self.modules = dict(parts.model.named_modules())
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.base = self._nll({})
+
+    @torch.no_grad()
+    def _nll(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token NLL of each calibration sequence with `weights` swapped in (float64 [sequences])."""
+        import torch.nn.functional as F
+
+        saved = {n: self.modules[n].weight.data for n in weights}
+        try:
+            for n, w in weights.items():
+                self.modules[n].weight.data = w
+            out = []
+            for b in self.batches:
+                logits = self.parts.model(**b, use_cache=False).logits
+                ids = b["input_ids"]
+                nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+                out.append(nll.double().mean(dim=1))
+            return torch.cat(out)
+        finally:
+            for n, w in saved.items():
+                self.modules[n].weight.data = w
+
+    def __call__(self, plan) -> torch.Tensor:
+        """ΔNLL of `plan` on each calibration sequence (nats/token; their mean is the plan's measured loss)."""
+        from layerscope.compress.quant_stats import quantize_weight
+
+        weights = {}
+        for name, scheme in plan.assignment().items():
+            key = (name, scheme)
+            if key not in self.cache:
+                self.cache[key] = quantize_weight(self.modules[name].weight.data, scheme, self.hessians.get(name),
+                                                  self.act_order)[0]
+            weights[name] = self.cache[key]
+        return self._nll(weights) - self.base
 
 
 @torch.no_grad()

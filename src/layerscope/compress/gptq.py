@@ -9,8 +9,8 @@ of `block_size` ("lazy batch" updates): inside a block the update is applied col
 block's accumulated error reaches the remaining columns in one matrix product.
 
 The grid. Groups of `group_size` consecutive input columns of a row share one scale; codes are
-symmetric integers q ∈ [−2^(b−1), 2^(b−1)−1], Ŵ = q·scale, scale = max|w| / ((2^b − 1)/2), the
-scale rounded to float16 (as the project's HQQ grid stores it). This is compressed-tensors' "int,
+symmetric integers q ∈ [−2^(b−1), 2^(b−1)−1], Ŵ = q·scale, scale = r·max|w| / ((2^b − 1)/2) with
+the clipping ratio r searched per group (`group_scale`), the scale rounded to float16 (as the project's HQQ grid stores it). This is compressed-tensors' "int,
 symmetric, strategy group" scheme, the format vLLM and transformers load (`pack-quantized`); the
 asymmetric variant is not used because compressed-tensors 0.20 + transformers 5 cannot reload
 packed zero points (shape mismatch on load, checked here). Without act-order the scale of a group is
@@ -46,12 +46,29 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+SHRINK = tuple(1.0 - 0.05 * k for k in range(7))  # clipping ratios tried per group (1.0 = min-max)
+
+
 def group_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """[out] symmetric scale of each row of w [out, g] (float16-representable, never 0)."""
+    """[out] symmetric scale of each row of w [out, g] (float16-representable, never 0): of the scales
+    max|w|·r / ((2^b − 1)/2), r ∈ SHRINK, the one with the least squared rounding error of the row
+    (clipping search, as GPTQ's reference code does with its `mse` option and llm-compressor's MSE
+    observer: a symmetric grid spends a level on the sign, and one outlier per group otherwise sets
+    the step for all)."""
     amax = w.abs().amax(dim=1)
-    scale = amax / ((2 ** bits - 1) / 2)
-    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
-    return scale.to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny).to(w.dtype)
+    lo, hi = qrange(bits)
+    best, best_err = None, None
+    for r in SHRINK:
+        scale = amax * r / ((2 ** bits - 1) / 2)
+        scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+        scale = scale.to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny).to(w.dtype)
+        err = ((torch.clamp(torch.round(w / scale[:, None]), lo, hi) * scale[:, None] - w) ** 2).sum(dim=1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            take = err < best_err
+            best, best_err = torch.where(take, scale, best), torch.where(take, err, best_err)
+    return best
 
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,11 @@ the block as it was. Only one block's statistics are alive at a time.
 Precision: each batch's XᵀX is a float32 product (≤ one batch of tokens), accumulated across
 batches in float64. Layers fed the very same input tensor (q/k/v, gate/up) share one product.
 Padding tokens are not masked (calibration windows have none).
+
+Token weights (optional): `token_weights[name]` holds one weight per token of each batch, in batch
+order; the pass then also accumulates Σ_t a_t x_t x_tᵀ (`LinearStats.wxtx`). quant_stats uses it
+with a_t = ‖∂loss/∂y_t‖², so tokens whose outputs the loss barely depends on (attention-sink
+tokens with massive activations) do not dominate the quantization-loss estimate.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ class LinearStats:
     module: nn.Module  # nn.Linear (or GPT-2's Conv1D)
     xtx: torch.Tensor  # float64 [in, in]: Σ_tokens x xᵀ (undamped)
     tokens: int
+    wxtx: torch.Tensor | None = None  # float64 [in, in]: Σ_tokens a_t x xᵀ when token weights were given
+    calls: int = 0  # batches seen (indexes the token weights)
 
     def hessian(self, damp: float = 0.01) -> torch.Tensor:
         """float32 [in, in]: 2·XᵀX/tokens + damp·mean(diag)·I (GPTQ's damped Hessian)."""
@@ -71,9 +78,10 @@ def _in_features(m: nn.Module) -> int:
 class _Collector:
     """Forward pre-hooks accumulating XᵀX for the selected linears of one block."""
 
-    def __init__(self, linears: dict[str, nn.Module]):
+    def __init__(self, linears: dict[str, nn.Module], token_weights: dict[str, list[torch.Tensor]] | None = None):
         self.stats = {n: LinearStats(n, m, torch.zeros(_in_features(m), _in_features(m), dtype=torch.float64), 0)
                       for n, m in linears.items()}
+        self.token_weights = token_weights
         self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, product, tokens)
 
     def product(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -95,8 +103,25 @@ class _Collector:
             st = self.stats[name]
             st.xtx += p
             st.tokens += n
+            if self.token_weights is not None:
+                self._weighted(st, args[0], self.token_weights[name])
+            st.calls += 1
 
         return pre
+
+    @staticmethod
+    def _weighted(st: LinearStats, x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        if st.calls >= len(weights):
+            raise LayerscopeError(f"{st.name}: more batches than token weights ({len(weights)})")
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        a = weights[st.calls].reshape(-1).float()
+        if a.numel() != x2.shape[0]:
+            raise LayerscopeError(f"{st.name}: {a.numel()} token weights for {x2.shape[0]} tokens")
+        acc = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+        for s in range(0, x2.shape[0], _CHUNK):
+            c = x2[s:s + _CHUNK]
+            acc += ((c * a[s:s + _CHUNK, None]).t() @ c).double()
+        st.wxtx = acc if st.wxtx is None else st.wxtx + acc
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -112,13 +137,14 @@ class _Collector:
 def linear_moments(parts, batches: Sequence[dict[str, torch.Tensor]] | torch.Tensor, *,
                    on_block: Callable[[int, nn.Module, dict[str, LinearStats]], None],
                    sequential: bool = True, select: Callable[[str, nn.Module], bool] | None = None,
-                   batch_size: int = 8) -> None:
+                   batch_size: int = 8, token_weights: dict[str, list[torch.Tensor]] | None = None) -> None:
     """Collect XᵀX of every linear of every block and hand each block's stats to `on_block`.
 
     parts: ModelParts (model/adapter.py). batches: model-input dicts (engine.runner.make_batches) or
     token ids [N, T] (split into batches of `batch_size`). on_block(i, block, stats) may change the
     block's weights in place. sequential: block i+1's inputs recomputed from the changed block i
     (True) or taken from block i as it ran (False). select(name, module): which linears to watch.
+    token_weights: {full linear name: [weights of each batch's tokens]} (see the module docstring).
     """
     from layerscope.engine.runner import BlockRunner, make_batches
 
@@ -133,7 +159,10 @@ def linear_moments(parts, batches: Sequence[dict[str, torch.Tensor]] | torch.Ten
     @contextmanager
     def observe(i: int) -> Iterator[None]:
         linears = {n: m for n, m in parts.block_linears(i).items() if select is None or select(n, m)}
-        col = _Collector(linears)
+        tw = None
+        if token_weights is not None:
+            tw = {n: token_weights[f"{parts.blocks_path}.{i}.{n}"] for n in linears}
+        col = _Collector(linears, tw)
         state["col"] = col
         with col.attached():
             yield

@@ -12,11 +12,19 @@ reconstruction error, ...). Choose x[u, c] ∈ {0, 1} to
 solved exactly as a 0/1 integer program with `scipy.optimize.milp` (HiGHS branch and bound, relative gap
 0). Option lists may differ in length between units (ragged). The predicted total loss is the objective;
 callers print it next to the measured result (the loss model is additive only by assumption).
+
+Trust region (optional): with an `anchor` choice per unit and `max_changes` = k, at most k units may
+leave their anchor option (Σ_u x[u, anchor_u] ≥ U − k). Solving for several k gives plans that move
+step by step away from a plan whose loss is known (e.g. the uniform one), for callers that measure
+them instead of trusting the additive estimate far from it.
 """
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -47,8 +55,34 @@ class Allocation:
     notes: list[str] = field(default_factory=list)
 
 
-def solve_ragged(loss: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], capacity: float
-                 ) -> tuple[list[int], float]:
+@contextmanager
+def _solver_output_silenced() -> Iterator[None]:
+    """HiGHS (scipy's milp) prints internal debug lines such as "HighsMipSolverData::
+    transformNewIntegerFeasibleSolution tmpSolver.run();" straight to the C-level stdout on some
+    trust-region problems, past `disp=False`; they are not ours to show, so both descriptors are
+    pointed at /dev/null while the solver runs."""
+    try:
+        fds = [sys.stdout.fileno(), sys.stderr.fileno()]
+    except (AttributeError, ValueError, OSError):  # no real descriptors (e.g. captured streams): nothing to silence
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, keep in zip(fds, saved):
+            os.dup2(keep, fd)
+            os.close(keep)
+        os.close(null)
+
+
+def solve_ragged(loss: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], capacity: float,
+                 anchor: Sequence[int] | None = None, max_changes: int | None = None) -> tuple[list[int], float]:
     """Exact 0/1 program over ragged option lists. Returns (chosen option per unit, total loss)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -73,13 +107,21 @@ def solve_ragged(loss: Sequence[Sequence[float]], cost: Sequence[Sequence[float]
         a_one[u, s:s + k] = 1.0
     scale = float(np.abs(c).max()) or 1.0
     e_scale = float(np.abs(e).max()) or 1.0
+    extra = []
+    if max_changes is not None:
+        if anchor is None or len(anchor) != U or any(not 0 <= int(a) < k for a, k in zip(anchor, sizes)):
+            raise LayerscopeError("a trust region needs one valid anchor option per unit")
+        keep = np.zeros((1, n))
+        keep[0, [int(s + a) for s, a in zip(starts, anchor)]] = 1.0
+        extra.append(LinearConstraint(keep, U - int(max_changes), np.inf))
     for shrink in (0.0, 1e-9, 1e-7, 1e-5):
-        res = milp(
-            c=e / e_scale,
-            constraints=[LinearConstraint(a_one, 1, 1),
-                         LinearConstraint((c / scale)[None, :], -np.inf, capacity / scale * (1 - shrink))],
-            integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "presolve": True},
-        )
+        with _solver_output_silenced():
+            res = milp(
+                c=e / e_scale,
+                constraints=[LinearConstraint(a_one, 1, 1),
+                             LinearConstraint((c / scale)[None, :], -np.inf, capacity / scale * (1 - shrink)), *extra],
+                integrality=np.ones(n), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "presolve": True},
+            )
         if res.x is None:
             raise LayerscopeError(f"no allocation meets the budget ({res.message})")
         choice = [int(np.argmax(res.x[s:s + k])) for s, k in zip(starts, sizes)]
@@ -97,9 +139,18 @@ def solve(err: np.ndarray, cost: np.ndarray, capacity: float) -> tuple[list[int]
     return solve_ragged(err.tolist(), cost.tolist(), capacity)
 
 
-def allocate_exact(units: Sequence[UnitOptions], capacity: float) -> Allocation:
-    """Least total measured loss with total cost ≤ capacity (one option per unit)."""
-    choice, obj = solve_ragged([u.loss for u in units], [u.cost for u in units], capacity)
+def allocate_exact(units: Sequence[UnitOptions], capacity: float, anchor: Sequence[Any] | None = None,
+                   max_changes: int | None = None) -> Allocation:
+    """Least total measured loss with total cost ≤ capacity (one option per unit); with `anchor` (an
+    option label per unit) and `max_changes`, at most that many units differ from the anchor."""
+    idx = None
+    if anchor is not None:
+        idx = []
+        for u, lab in zip(units, anchor):
+            if lab not in u.options:
+                raise LayerscopeError(f"unit {u.name}: anchor option {lab!r} is not among its options")
+            idx.append(u.options.index(lab))
+    choice, obj = solve_ragged([u.loss for u in units], [u.cost for u in units], capacity, idx, max_changes)
     used = sum(u.cost[k] for u, k in zip(units, choice))
     return Allocation(choice=choice, chosen=[u.options[k] for u, k in zip(units, choice)], predicted_loss=obj,
                       cost=float(used), capacity=float(capacity))

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         sequential: bool = typer.Option(False, "--sequential/--no-sequential", help="gptq: recollect each block's Hessians from the already-quantized blocks before it."),
         resume: bool = typer.Option(False, "--resume", help="Continue the measurement checkpoint in --out (same request)."),
         fmt: str = typer.Option("hqq", "--cost-format", help="Storage format whose bits are counted: hqq, gptq, compressed-tensors, llamacpp."),
+        exact_loss: str = typer.Option("token_fisher", "--exact-loss", help="--by measured's loss per candidate: token_fisher (output error weighted per token and channel by the loss gradient) or fisher (per channel only); each option's estimates are checked against its measured uniform plan and rescaled."),
+        search: bool = typer.Option(True, "--search/--no-search", help="--by measured: measure the uniform plan and the exact plans that change at most 1, 2, 4, ... 64 layers from it (or any number) on calibration text and keep the best; --no-search: the unconstrained exact plan."),
         tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens for measured sensitivities."),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity of the unquantized and the planned model."),
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Tokens of held-out Wikipedia for --eval."),
@@ -54,7 +56,8 @@ def register(app: typer.Typer) -> None:
         from layerscope.plans.quantize import QuantPlan
 
         request = dict(budget=budget, bits=bits, group=group, by=by, scores=scores, granularity=granularity,
-                       method=method, fmt=fmt, tokens=tokens, act_order=act_order, damp=damp)
+                       method=method, fmt=fmt, tokens=tokens, act_order=act_order, damp=damp, exact_loss=exact_loss,
+                       search=search)
         if plan is None and budget is None:
             raise LayerscopeError("--budget is required (or --plan FILE)")
         if dry_run:
