@@ -97,13 +97,10 @@ class PlanScorer:
     plans that share most layers. Memory: the quantized weights of every (layer, scheme) scored."""
 
     def __init__(self, parts, batches, *, tokens: int, hessians=None, act_order: bool = False):
-        sub, n = [], 0
-        for b in batches:
-            if n >= tokens:
-                break
-            sub.append(b)
-            n += int(b["input_ids"].numel())
-        self.parts, self.batches, self.hessians, self.act_order = parts, sub, hessians or {}, act_order
+        from layerscope.compress.quant_stats import leading_batches
+
+        self.parts, self.batches = parts, leading_batches(batches, tokens)
+        self.hessians, self.act_order = hessians or {}, act_order
         self.modules = dict(parts.model.named_modules())
         self.cache: dict[tuple, torch.Tensor] = {}
         self.base = self._nll({})

@@ -205,6 +205,18 @@ def joint_factors(options: Sequence[Scheme], raw: dict[str, list[float]], measur
     return out
 
 
+def leading_batches(batches, tokens: int) -> list:
+    """The first batches holding at least `tokens` tokens (all of them when there are fewer): the
+    calibration prefix on which plans are measured jointly."""
+    out, n = [], 0
+    for b in batches:
+        if n >= tokens:
+            break
+        out.append(b)
+        n += int(b["input_ids"].numel())
+    return out
+
+
 class UniformTracks:
     """The calibration prefix run through the model with every linear at one option (one track per
     option) next to the unquantized model, advanced block by block inside the statistics pass: the
@@ -339,16 +351,11 @@ def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float
     fisher = grads.fisher
     res = CandidateLosses(options=list(options), loss_model=loss_model)
     res.resumed_blocks = sorted(int(b) for b in ck.blocks)
-    need_h = keep_hessians and any(o.method == "gptq" for o in options)
+    gptq = any(o.method == "gptq" and o.quantized for o in options)  # only GPTQ reads the Hessians
+    need_h = keep_hessians and gptq
     tracks = None
     if joint_tokens > 0 and ck.joint is None and only_blocks is None:
-        sub, n = [], 0
-        for b in batches:
-            if n >= joint_tokens:
-                break
-            sub.append(b)
-            n += int(b["input_ids"].numel())
-        tracks = UniformTracks(parts, sub, options)
+        tracks = UniformTracks(parts, leading_batches(batches, joint_tokens), options)
 
     def on_block(i: int, _block, stats) -> None:
         done = ck.blocks.get(str(i))
@@ -359,7 +366,7 @@ def measure_candidates(parts, batches, options: Sequence[Scheme], *, damp: float
         hs = {}
         for lin, st in stats.items():
             name = f"{parts.blocks_path}.{i}.{lin}"
-            hs[lin] = st.hessian(damp) if (need_h or done is None or tracks is not None) else None
+            hs[lin] = st.hessian(damp) if gptq else None
             if need_h:
                 res.hessians[name] = hs[lin]
             res.tokens = st.tokens
