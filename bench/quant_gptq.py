@@ -14,7 +14,8 @@ Options: bits {2,3,4,8} x group {32,64,128}; bpw counted in HQQ's storage format
     estimates rescaled by its measured uniform plan);
   * RTN-exact / GPTQ-exact: what `quantize --by measured` ships: among the uniform plan and the MILP
     plans changing at most 1, 2, 4, ... 64 layers from it (or any number), the one with the least
-    ΔNLL measured on the first 4,096 calibration tokens (plans.quant_measured.measured_search);
+    ΔNLL measured on LAYERSCOPE_BENCH_SEARCH_TOKENS (4,096) calibration tokens that follow those of the
+    estimates (plans.quant_measured.measured_search; LAYERSCOPE_BENCH_RAY=local: the plans as Ray tasks);
   * llama.cpp rule: use_more_bits() blocks get the higher option (RTN), as in bench/quant_allocation.py.
 GPTQ here uses the Hessians of the unquantized model (not sequential), damping LAYERSCOPE_BENCH_DAMP (0.1), no act-order.
 For the exact rows the predicted ΔNLL (nats/token) is printed next to the measured ln(ppl/ppl_fp32).
@@ -73,6 +74,8 @@ def main() -> None:
     wanted = [r for r in wanted if r.split("-")[0].lower() in methods or (r == "llama.cpp rule" and "rtn" in methods)]
     loss_model = os.environ.get("LAYERSCOPE_BENCH_LOSS_MODEL", "token_fisher")
     joint_tokens = int(os.environ.get("LAYERSCOPE_BENCH_JOINT_TOKENS", 4096))
+    search_tokens = int(os.environ.get("LAYERSCOPE_BENCH_SEARCH_TOKENS", 4096))  # quantize --search-tokens
+    ray = os.environ.get("LAYERSCOPE_BENCH_RAY") or None  # quantize --ray: search trials as Ray tasks
     rtn_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "rtn") if "rtn" in methods else []
     gptq_opts = al.parse_options([2, 3, 4, 8], [32, 64, 128], "gptq") if "gptq" in methods else []
     if not set(wanted) & {"RTN-exact", "GPTQ-uniform", "GPTQ-exact"}:  # rows that need no calibration
@@ -121,12 +124,19 @@ def main() -> None:
     scorers = {}
 
     def searched(meth, budget):  # as `quantize --by measured` does: trust-region plans measured on calibration text
-        from layerscope.actions.quantize_measured import JOINT_TOKENS, PlanScorer
+        from layerscope.actions.quantize_measured import PlanScorer, search_batches
         from layerscope.plans.quant_measured import measured_search
 
         if meth not in scorers:  # one per method: its cache of quantized (layer, scheme) pairs serves every budget
-            scorers[meth] = PlanScorer(parts, batches, tokens=JOINT_TOKENS, hessians=both.hessians)
-        p, trials = measured_search(layers, split[meth], budget, scorers[meth], method=meth, log=log, **common)
+            kw = dict(tokens=search_tokens, hessians=both.hessians)
+            held_out = search_batches(lm.tokenizer, calib_tokens, search_tokens)  # text the estimates did not see
+            if ray:
+                from layerscope.actions.quantize_parallel import RayPlanScorer
+
+                scorers[meth] = RayPlanScorer(parts, held_out, address=ray, **kw)
+            else:
+                scorers[meth] = PlanScorer(parts, held_out, **kw)
+        p, trials = measured_search(layers, split[meth], budget, scorers[meth].many, method=meth, log=log, **common)
         searches.append({"budget": budget, "method": meth, "trials": trials})
         return p
 
@@ -166,6 +176,7 @@ def main() -> None:
               "measure_seconds": t_measure, "candidates": len(both.options), "layers": len(both.losses),
               "budgets": budgets, "rows": rows, "saved": saved, "save_budget": save_budget,
               "loss_model": loss_model, "joint_tokens": joint_tokens, "joint": both.joint, "searches": searches,
+              "search_tokens": search_tokens,
               "seconds": time.perf_counter() - t0}
     print_table(result)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -183,7 +194,8 @@ def print_table(r: dict) -> None:
     print(f"  {r['protocol_text']}; calibration {r['calib_tokens']} tokens (Wikipedia calibration split, 512-token windows)")
     print("  options bits {2,3,4,8} x group {32,64,128}; bpw in HQQ's storage format (scale+zero per group) for all rows")
     print(f"  fp32 perplexity {base:.4f}" + (" (SmolLM2 weights are dequantized Q4_1)" if r["model"] == "smollm2" else ""))
-    print(f"  measurement of {r['candidates']} candidates x {r['layers']} layers: {r['measure_seconds']:.0f} s")
+    print(f"  measurement of {r['candidates']} candidates x {r['layers']} layers: {r['measure_seconds']:.0f} s; "
+          f"search trials measured on {r.get('search_tokens', 4096)} further calibration tokens")
     for budget in r["budgets"]:
         print(f"\n  budget {budget:g} bpw")
         print(f"  {'plan':<16s} {'bpw':>7s} {'ppl':>10s} {'vs fp32':>8s} {'pred ΔNLL':>10s} {'meas ΔNLL':>10s}  mix")

@@ -332,8 +332,9 @@ WORDS = ("the of and in to a is was for on as with by he at from his an were are
          "into school time may years more most only over city some world would where later up such used many").split()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def save_wordy_llama(d):
+    """A tiny random Llama with a word-level tokenizer over common English words (calibration text
+    from Wikipedia tokenizes into real ids), saved to `d`."""
     import transformers
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -349,10 +350,14 @@ def tiny_dir(tmp_path_factory):
     cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     m = transformers.LlamaForCausalLM(cfg).eval()
-    d = tmp_path_factory.mktemp("tiny") / "model"
     m.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_wordy_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def run_cli(args, capsys):
@@ -508,18 +513,21 @@ def test_measured_search_keeps_the_plan_that_measures_best_and_records_every_tri
 
     noise = np.array([1.0, -1.0, 0.5, -0.5])  # per-sequence deviations around the plan's loss
 
+    def each(f):  # the search measures all its plans in one call
+        return lambda plans: [f(p) for p in plans]
+
     # a measurement that agrees with the estimate, up to a per-sequence noise shared by every plan: the least wins
-    plan, trials = measured_search(layers, res, 4.25, lambda p: p.objective + noise, **kw)
+    plan, trials = measured_search(layers, res, 4.25, each(lambda p: p.objective + noise), **kw)
     assert trials[0]["changed"] == 0 and len({t["changed"] for t in trials}) == len(trials) > 2
     assert plan.objective == pytest.approx(min(t["measured"] for t in trials))
     assert all(t["changed"] <= (t["max_changes"] if t["max_changes"] is not None else 10 ** 9) for t in trials)
     assert plan.achieved_bpw <= 4.25 + 1e-9 and changes(plan) > 0
     # a measurement that penalises every change: the uniform plan
-    plan, trials = measured_search(layers, res, 4.25, lambda p: p.objective + changes(p) + noise, **kw)
+    plan, trials = measured_search(layers, res, 4.25, each(lambda p: p.objective + changes(p) + noise), **kw)
     assert key(plan) == key(uni) and "chosen by measurement" in plan.notes[-1]
     # a gain smaller than the paired noise between sequences does not replace the uniform plan
     rough = lambda p: uni.objective - 1e-3 * changes(p) + noise * (changes(p) > 0)  # noqa: E731
-    plan, trials = measured_search(layers, res, 4.25, rough, **kw)
+    plan, trials = measured_search(layers, res, 4.25, each(rough), **kw)
     assert key(plan) == key(uni) and all(t["clear_gain"] is False for t in trials[1:])
 
 

@@ -187,3 +187,87 @@ def test_mergekit_rebuilds_the_same_weights_from_the_exported_recipe(models, tmp
         theirs.update(load_file(str(f)))
     assert set(ours) == set(theirs)
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+
+
+def _hand_nll(model_dir: Path, text_file: Path, tokens: int, seq_len: int) -> float:
+    """Mean next-token NLL of a saved model on a task file's held-out documents (every 5th), by hand:
+    EOS after each document, the first `tokens` tokens, disjoint windows whose first token is context only."""
+    import transformers
+
+    tok = tiny_tokenizer()
+    docs = [d.strip() for d in text_file.read_text().split("\n\n") if d.strip()]
+    ids: list[int] = []
+    for d in docs[4::5]:
+        ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor(ids[:tokens])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(ids) - 1, seq_len):
+            x = ids[b:b + seq_len]
+            logits = model(input_ids=x[None]).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum"))
+            count += len(x) - 1
+    return total / count
+
+
+def test_lambda_grid_records_every_point_and_writes_the_least_mean_heldout_nll(models, tmp_path):
+    import math
+
+    import layerscope
+    from layerscope.errors import LayerscopeError
+
+    other = tmp_path / "task2.txt"
+    other.write_text("\n\n".join(" ".join(f"w{(i * 3 + j * j) % 90}" for j in range(40)) for i in range(30)))
+    src = [{"model": str(models["ft1"]), "data": str(models["data"])}, {"model": str(models["ft2"]), "data": str(other)}]
+    grid, lams, kw = [0.5, 1.0, 2.0, 4.0], [0.6, 1.0], dict(tokens=256, seq_len=32, batch=2)
+    res = layerscope.merge(models["base"], src, out=tmp_path / "g", lambdas=lams, lambda_grid=grid, **kw)
+    rec = json.loads((tmp_path / "g" / "merge.json").read_text())["lambda_grid"]
+    assert [p["lambda"] for p in rec["points"]] == grid and rec["lambdas"] == lams
+    means = [p["mean_nll"] for p in rec["points"]]
+    assert len(set(means)) == len(grid)  # the scale changes the merged model's held-out NLL
+    best = rec["points"][means.index(min(means))]
+    assert rec["chosen"] == best["lambda"] and res.record["plan"]["lambdas"] == best["lambdas"]
+    assert res.record["plan"].get("lambda_grid") is None
+    for p in rec["points"]:
+        assert p["mean_nll"] == pytest.approx(sum(t["nll"] for t in p["tasks"]) / 2, rel=1e-12)
+    # independently: merge with λ scaled by the chosen value, then each task's held-out NLL by hand
+    direct = tmp_path / "direct"
+    layerscope.merge(models["base"], src, out=direct, lambdas=[rec["chosen"] * x for x in lams], **kw)
+    g, d = _params(tmp_path / "g"), _params(direct)
+    assert all(torch.equal(g[k], d[k]) for k in d)
+    for task, text in zip(best["tasks"], (models["data"], other)):
+        assert task["nll"] == pytest.approx(_hand_nll(direct, text, 256, 32), rel=1e-5)
+        assert task["perplexity"] == pytest.approx(math.exp(task["nll"]), rel=1e-12)
+    for bad in ([0.5, 0.0], [-1.0], []):
+        with pytest.raises(LayerscopeError, match="grid"):
+            layerscope.merge(models["base"], src, out=tmp_path / "bad", lambda_grid=bad)
+
+
+def test_cli_lambda_grid_rejects_bad_values_in_one_line(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from layerscope.cli.app import app
+    from layerscope.errors import LayerscopeError
+
+    head = ["merge", str(models["base"]), str(models["ft1"]), "--data", str(models["data"]), "--out", str(tmp_path / "m")]
+    for bad, says in (("0.5,0", "> 0"), ("0.5,x", "must be a number"), ("-1", "> 0")):
+        r = CliRunner().invoke(app, [*head, "--lambda-grid", bad])
+        assert r.exit_code != 0 and isinstance(r.exception, LayerscopeError), r.output
+        assert says in str(r.exception) and "\n" not in str(r.exception)
+    assert not (tmp_path / "m").exists()
+
+
+def test_lambda_grid_holds_out_every_fifth_document_and_breaks_ties_toward_the_smaller_lambda(tmp_path):
+    from layerscope.actions.merge.grid import choose, task_texts
+    from layerscope.errors import LayerscopeError
+
+    f = tmp_path / "t.txt"
+    f.write_text("\n\n".join(f"w{i} w{i + 1}" for i in range(12)))
+    held, seen = task_texts(str(f), "evaluation"), task_texts(str(f), "calibration")
+    assert held == ["w4 w5", "w9 w10"] and len(seen) == 10 and not set(held) & set(seen)
+    f.write_text("w1 w2")
+    with pytest.raises(LayerscopeError, match="at least two documents"):
+        task_texts(str(f), "evaluation")
+    pts = [{"lambda": 1.0, "mean_nll": 2.0}, {"lambda": 0.5, "mean_nll": 2.0}, {"lambda": 0.3, "mean_nll": 2.5}]
+    assert choose(pts)["lambda"] == 0.5

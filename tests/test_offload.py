@@ -195,3 +195,52 @@ def test_gpu_path_on_a_real_gpu_places_blocks_and_matches_cpu_numbers():
     proto = PerplexityProtocol(context_length=32, stride=32, max_tokens=512, batch_size=4)
     on_gpu = perplexity(model, ids=stream, protocol=proto).perplexity
     assert abs(on_gpu - perplexity(ref_model, ids=stream, protocol=proto).perplexity) < 1e-3
+
+
+def _tensors(directory) -> dict:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_out_of_core_gptq_quantize_writes_and_measures_the_in_memory_model(tmp_path, sequential):
+    """quantize --offload: blocks quantized (GPTQ), packed and written one at a time give the tensors,
+    quantization_config and perplexities of the in-memory run; transformers loads the result."""
+    from test_gptq import save_wordy_llama  # tiny Llama whose tokenizer reads the calibration text
+    from transformers import AutoModelForCausalLM
+
+    from layerscope.actions.quantize import quantize
+
+    src = save_wordy_llama(tmp_path / "model")
+    kw = dict(budget="5", bits="4", group="32", by="uniform", method="gptq", tokens=1024, eval_tokens=512,
+              sequential=sequential)
+    ram = quantize(str(src), out=tmp_path / "ram", offload=False, **kw).to_dict()
+    ooc = quantize(str(src), out=tmp_path / "ooc", offload=True, **kw).to_dict()
+    assert [r["perplexity"] for r in ooc["evaluations"]] == [r["perplexity"] for r in ram["evaluations"]]
+    assert ooc["evaluations"][1]["perplexity"] != ooc["evaluations"][0]["perplexity"]  # the plan changed the model
+    assert ooc["exported"]["compressed-tensors model"]["roundtrip_max_abs_diff"] == 0
+    a, b = _tensors(tmp_path / "ram" / "model"), _tensors(tmp_path / "ooc" / "model")
+    assert sorted(a) == sorted(b) and any(k.endswith("weight_packed") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = [json.loads((tmp_path / d / "model" / "config.json").read_text())["quantization_config"] for d in ("ram", "ooc")]
+    assert cfg[0] == cfg[1] and cfg[0]["format"] == "pack-quantized"
+    ids = torch.randint(4, 60, (1, 48), generator=torch.Generator().manual_seed(0))
+    la, lb = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "model")(input_ids=ids).logits for d in ("ram", "ooc"))
+    assert torch.equal(la, lb)
+
+
+def test_out_of_core_rtn_quantize_evaluation_equals_in_memory_and_measured_plans_need_the_whole_model(tmp_path):
+    from test_gptq import save_wordy_llama
+
+    from layerscope.actions.quantize import quantize
+
+    src = save_wordy_llama(tmp_path / "model")
+    kw = dict(budget="5", bits="3,4", group="32", by="uniform", method="rtn", eval_tokens=512)
+    ram = quantize(str(src), out=tmp_path / "ram", offload=False, **kw).to_dict()
+    ooc = quantize(str(src), out=tmp_path / "ooc", offload=True, **kw).to_dict()
+    assert [r["perplexity"] for r in ooc["evaluations"]] == [r["perplexity"] for r in ram["evaluations"]]
+    with pytest.raises(LayerscopeError, match="--by measured needs the whole model"):
+        quantize(str(src), out=tmp_path / "m", offload=True, budget="4.5", bits="4", group="32", method="gptq")
+    assert not (tmp_path / "m").exists()

@@ -8,7 +8,6 @@ transformers loads it), the plan, a result (kind layerscope.lowrank) and a repor
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from pathlib import Path
@@ -85,13 +84,15 @@ LOSS_MODELS = {
 }
 
 
-def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher", log=lambda m: None
-                ) -> dict[str, list[float]]:
+def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher", log=lambda m: None,
+                blocks: set[int] | None = None) -> dict[str, list[float]]:
     """{layer: [loss at each keep fraction]} on the dense model's statistics (see LOSS_MODELS).
 
     "relative" weighs every layer alike, so a 10 % error in a k_proj counts as much as one in a down_proj;
     "fisher" weighs each output channel by how much the model's loss reacts to it (as quantize's measured
     allocation does, compress.quant_stats), so the sum predicts the change of the model's own loss.
+    blocks: measure only the layers of these blocks; every curve comes from the dense model alone, so it does
+    not depend on which other blocks are measured (`lowrank_parallel.loss_curves_ray`).
     """
     from layerscope.compress.lowrank import factorize, fisher_loss, relative_output_error
     from layerscope.engine.moments import linear_moments
@@ -107,6 +108,8 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher
     curves: dict[str, list[float]] = {}
 
     def on_block(i, block, stats):
+        if blocks is not None and i not in blocks:
+            return
         for n, st in stats.items():
             name = f"{parts.blocks_path}.{i}.{n}"
             W = st.module.weight.data
@@ -130,16 +133,18 @@ def loss_curves(parts, ids, method: str, damp: float, keeps, loss: str = "fisher
 
 def plan_lowrank(model=None, *, reduction: float, method: str = "whitened", allocation: str = "uniform",
                  tokens: int = 8192, seq_len: int = 256, damp: float = 1e-4, exact_loss: str = "fisher",
-                 quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None
-                 ) -> LowrankPlan:
-    """Resolve a low-rank request into a LowrankPlan (measuring the loss curves for `exact`)."""
+                 quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None, loaded=None,
+                 ray: str | None = None) -> LowrankPlan:
+    """Resolve a low-rank request into a LowrankPlan (measuring the loss curves for `exact`).
+
+    ray: measure the exact allocation's loss curves block by block as Ray tasks (same numbers)."""
     return _resolve(model, reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len,
                     damp=damp, exact_loss=exact_loss, quiet=quiet, trust_remote_code=trust_remote_code,
-                    device=device, dtype=dtype, loaded=loaded)[0]
+                    device=device, dtype=dtype, loaded=loaded, ray=ray)[0]
 
 
 def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, quiet, trust_remote_code, device,
-             dtype, loaded, exact_loss="fisher"):
+             dtype, loaded, exact_loss="fisher", ray=None):
     import datetime as _dt
 
     from layerscope import __version__
@@ -171,7 +176,12 @@ def _resolve(model, *, reduction, method, allocation, tokens, seq_len, damp, qui
         ids = calibration_windows(lm.tokenizer, tokens, seq_len)
         keeps = list(KEEP_GRID) + [1.0]
         say(f"exact: measuring each layer's {method} truncation loss at keep {keeps} ({ids.numel()} tokens)")
-        curves = loss_curves(parts, ids, method, damp, keeps, loss=exact_loss, log=say)
+        if ray:
+            from layerscope.actions.lowrank_parallel import loss_curves_ray
+
+            curves = loss_curves_ray(parts, ids, method, damp, keeps, loss=exact_loss, address=ray, log=say)
+        else:
+            curves = loss_curves(parts, ids, method, damp, keeps, loss=exact_loss, log=say)
         units = []
         for nm, i, n, sh in layers:
             costs = [sh[0] * sh[1] if k >= 1 else _rank(sh, k) * (sh[0] + sh[1]) for k in keeps]
@@ -229,8 +239,15 @@ def factorize_model(parts, ids, plan: LowrankPlan, *, sequential: bool = True, l
 def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Path | str = "layerscope-lowrank",
             evaluate: bool = True, eval_tokens: int = 4096, check_uniform: bool = True, select_tokens: int = 2048,
             force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None,
-            **request) -> LowrankResult:
-    """Apply a LowrankPlan (or resolve `request` first), evaluate, and write factorized and dense exports."""
+            ray: str | None = None, **request) -> LowrankResult:
+    """Apply a LowrankPlan (or resolve `request` first), evaluate, and write factorized and dense exports.
+
+    ray: run the independent work (the exact allocation's loss curves block by block, factorizing the plan and
+    the uniform plan, each one's selection perplexity, the dense and the shipped model's held-out perplexity)
+    as Ray tasks (actions/lowrank_parallel.py), on a local cluster ("local") or the cluster at this address;
+    the result is the local run's, number for number.
+    """
+    from layerscope.actions.compress_jobs import Shared, eval_texts, held_out_perplexities, job_runner
     from layerscope.compress.blockwise import calibration_windows
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model, resolve
@@ -242,13 +259,8 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     if isinstance(plan, (str, Path)):
         plan = LowrankPlan.from_file(plan)
     if plan is None:
-        defaults = dict(reduction=0.2, method="whitened", allocation="uniform", tokens=8192, seq_len=256, damp=1e-4,
-                        exact_loss="fisher")
-        unknown = set(request) - set(defaults)
-        if unknown:
-            raise LayerscopeError(f"unknown lowrank options: {', '.join(sorted(unknown))}")
         plan, lm = _resolve(model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
-                            loaded=None, **{**defaults, **request})
+                            loaded=None, ray=ray, **_request_defaults(request))
     else:
         if request:
             raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
@@ -261,13 +273,53 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     ids = calibration_windows(lm.tokenizer, int(plan.calibration.get("tokens", 8192)),
                               int(plan.calibration.get("seq_len", 256)))
     compare = check_uniform and parts.has_lm_head and plan.allocation != "uniform"
-    dense_model = copy.deepcopy(lm.model) if (evaluate or compare) else None
-    say(f"factorizing ({plan.method}), sequential statistics on {ids.numel()} tokens")
-    factors, losses = factorize_model(parts, ids, plan, log=say)
+    shared = Shared(dense=lm.model, tokenizer=lm.tokenizer, ids=ids,
+                    texts=eval_texts(lm.tokenizer, compare=compare, evaluate=evaluate, select_tokens=select_tokens,
+                                     eval_tokens=eval_tokens))
     notes = list(plan.notes)
-    selection = None
+    with job_runner(shared, ray) as run:
+        plan, factors, losses, selection = _factorize_and_select(lm, plan, shared, run, compare, notes, say)
+        base_got = held_out_perplexities(run, lm.model) if evaluate else None
+    del shared
+    data = _result_data(plan, losses, notes, selection, base_got, evaluate, eval_tokens, say)
+    from layerscope.model.factorized import write_lowrank
+
+    data["plan"] = plan.model_dump(mode="json")
+    data["files"], data["params"] = write_lowrank(lm, plan, factors, out, data, force=force, source_dir=source_dir)
+    return LowrankResult(data)
+
+
+def _request_defaults(request: dict) -> dict:
+    defaults = dict(reduction=0.2, method="whitened", allocation="uniform", tokens=8192, seq_len=256, damp=1e-4,
+                    exact_loss="fisher")
+    unknown = set(request) - set(defaults)
+    if unknown:
+        raise LayerscopeError(f"unknown lowrank options: {', '.join(sorted(unknown))}")
+    return {**defaults, **request}
+
+
+def _factorize_and_select(lm, plan: LowrankPlan, shared, run, compare: bool, notes: list, say):
+    """Factorize the plan (and, with `compare`, uniform ranks at the same budget) on copies of the dense model,
+    put the better model into `lm.model`; returns (plan shipped, its factors, the plan's measured layer losses,
+    the selection record or None)."""
+    from layerscope.actions.compress_jobs import SELECT, compress_both
+    from layerscope.actions.lowrank_parallel import factorize_job
+
+    uniform = _uniform_plan(plan)
+    say(f"factorizing ({plan.method}), sequential statistics on {shared.ids.numel()} tokens"
+        + (" (and with uniform ranks at the same budget, for comparison)" if compare else ""))
+    done = compress_both(run, factorize_job, plan, uniform, compare=compare)
+    losses, shipped, selection = done[0]["losses"], plan, None
     if compare:
-        plan, factors, selection = _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say)
+        shipped, selection = _choose(plan, uniform, done[0][SELECT], done[1][SELECT], shared, notes, say)
+    job = done[0 if shipped is plan else 1]
+    lm.model = job["model"]
+    return shipped, job["factors"], losses, selection
+
+
+def _result_data(plan: LowrankPlan, losses, notes, selection, base_got, evaluate: bool, eval_tokens: int,
+                 say) -> dict[str, Any]:
+    """lowrank.json's numbers: predicted vs measured loss (for the fisher loss, the held-out ΔNLL) and evaluations."""
     fisher = plan.exact_loss == "fisher"
     data: dict[str, Any] = {"kind": LowrankResult.kind, "notes": notes, "evaluations": [], "selection": selection,
                             "predicted_loss": plan.predicted_loss,
@@ -278,11 +330,10 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     if fisher and not evaluate:
         data["measured_loss_missing"] = "the predicted ΔNLL is checked against held-out perplexity: not run (--no-eval)"
     if evaluate:
-        from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
+        from layerscope.evaluation.perplexity import PerplexityProtocol
 
         proto = PerplexityProtocol(max_tokens=eval_tokens)
-        base = perplexity(dense_model, lm.tokenizer, proto).perplexity
-        got = perplexity(lm.model, lm.tokenizer, proto).perplexity
+        base, got = base_got
         data["evaluations"] = [{"name": "dense", "perplexity": base},
                                {"name": f"{plan.method} {plan.allocation}", "perplexity": got}]
         data["protocol"] = proto.model_dump()
@@ -292,39 +343,31 @@ def lowrank(model=None, plan: LowrankPlan | str | Path | None = None, *, out: Pa
     if plan.predicted_loss is not None and data["measured_loss"] is not None:
         say(f"loss: predicted {plan.predicted_loss:.4f}, measured {data['measured_loss']:.4f} "
             f"({data['measured_loss_model']})")
-    del dense_model
-    from layerscope.model.factorized import write_lowrank
-
-    data["plan"] = plan.model_dump(mode="json")
-    data["files"], data["params"] = write_lowrank(lm, plan, factors, out, data, force=force, source_dir=source_dir)
-    return LowrankResult(data)
+    return data
 
 
-def _ship_better(lm, dense_model, plan, factors, ids, select_tokens, notes, say):
-    """Factorize a copy with uniform ranks at the same budget; keep the plan with the lower selection perplexity
-    (calibration split, the text the statistics came from — never the held-out evaluation text)."""
-    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
-    from layerscope.model.adapter import find_parts
+def _uniform_plan(plan: LowrankPlan) -> LowrankPlan:
+    """Uniform ranks at the plan's budget (what an exact plan has to beat)."""
     from layerscope.plans.lowrank import achieved_reduction
 
     entries = [_entry(e.name, e.block, e.linear, e.shape, _rank(e.shape, 1 - plan.reduction)) for e in plan.entries]
-    uniform = plan.model_copy(update={"allocation": "uniform", "entries": entries, "predicted_loss": None,
-                                      "achieved_reduction": achieved_reduction(entries), "notes": []})
-    uni_model = copy.deepcopy(dense_model)
-    say("factorizing with uniform ranks at the same budget for comparison")
-    uni_factors, _ = factorize_model(find_parts(uni_model), ids, uniform)
-    proto = PerplexityProtocol(split="calibration", max_tokens=select_tokens)
-    ours = perplexity(lm.model, lm.tokenizer, proto).perplexity
-    uni = perplexity(uni_model, lm.tokenizer, proto).perplexity
-    selection = {"protocol": proto.model_dump(), "plan_perplexity": ours, "uniform_perplexity": uni}
+    return plan.model_copy(update={"allocation": "uniform", "entries": entries, "predicted_loss": None,
+                                   "achieved_reduction": achieved_reduction(entries), "notes": []})
+
+
+def _choose(plan: LowrankPlan, uniform: LowrankPlan, ours: float, uni: float, shared, notes: list, say):
+    """Keep whichever plan has the lower selection perplexity (calibration split, the text the statistics came
+    from -- never the held-out evaluation text); returns (plan shipped, selection record)."""
+    from layerscope.actions.compress_jobs import SELECT
+
+    selection = {"protocol": shared.texts[SELECT][0].model_dump(), "plan_perplexity": ours, "uniform_perplexity": uni}
     if uni < ours:
         msg = (f"the {plan.allocation} ranks measure worse than uniform ranks at the same budget ({ours:.4f} vs "
                f"{uni:.4f} selection perplexity): shipping the uniform plan")
         say(msg)
         notes.append(msg)
         uniform.notes.append(msg)
-        lm.model = uni_model
-        return uniform, uni_factors, {**selection, "shipped": "uniform"}
+        return uniform, {**selection, "shipped": "uniform"}
     notes.append(f"{plan.allocation} ranks {ours:.4f} vs uniform {uni:.4f} selection perplexity: shipping the "
                  f"{plan.allocation} plan")
-    return plan, factors, {**selection, "shipped": plan.allocation}
+    return plan, {**selection, "shipped": plan.allocation}

@@ -44,18 +44,22 @@ def plan_quantize(model=None, *, budget: str | float, bits: str | list[int] = "2
                   by: str = "measured", scores=None, granularity: str = "block", method: str = "rtn",
                   fmt: str = "hqq", tokens: int = 2048, quiet: bool = True, trust_remote_code: bool = False,
                   device: str | None = None, dtype=None, loaded=None, act_order: bool = False,
-                  damp: float = 0.1, exact_loss: str = "token_fisher", search: bool = True) -> QuantPlan:
-    """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan."""
+                  damp: float = 0.1, exact_loss: str = "token_fisher", search: bool = True,
+                  search_tokens: int = 4096, ray: str | None = None, offload: bool | None = None) -> QuantPlan:
+    """Resolve a quantization request (budget, allowed bits and groups, what ranks the layers) into a QuantPlan.
+    `ray`: the search's plan measurements as Ray tasks ("local" cluster or an address; same numbers)."""
     return resolve_quant_plan(model, budget=budget, bits=bits, group=group, by=by, scores=scores,
                               granularity=granularity, method=method, fmt=fmt, tokens=tokens, quiet=quiet,
                               trust_remote_code=trust_remote_code, device=device, dtype=dtype, loaded=loaded,
-                              act_order=act_order, damp=damp, exact_loss=exact_loss, search=search)[0]
+                              act_order=act_order, damp=damp, exact_loss=exact_loss, search=search,
+                              search_tokens=search_tokens, ray=ray, offload=offload)[0]
 
 
 def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="measured", scores=None,
                        granularity="block", method="rtn", fmt="hqq", tokens=2048, quiet=True,
                        trust_remote_code=False, device=None, dtype=None, loaded=None, act_order=False, damp=0.1,
-                       out=None, force=False, resume=False, state=None, exact_loss="token_fisher", search=True):
+                       out=None, force=False, resume=False, state=None, exact_loss="token_fisher", search=True,
+                       search_tokens=4096, ray=None, offload=None):
     """`plan_quantize`, also returning (score table used or None, the loaded model)."""
     import datetime as _dt
     import math
@@ -86,8 +90,14 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="me
     table = None
     if scores is not None:
         table = scores if isinstance(scores, ScoreTable) else ScoreTable.from_json(scores)
-    lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    lm = loaded or load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype, offload=offload)
     parts = find_parts(lm.model)
+    from layerscope.model.offload import from_disk
+
+    if by == "measured" and from_disk(lm.model):
+        from layerscope.actions.quantize_streamed import NOT_OUT_OF_CORE
+
+        raise LayerscopeError(NOT_OUT_OF_CORE)
     if table is not None:
         table.check_same_model(lm.weights_sha256, parts.num_layers, where=scores)
     if not parts.has_lm_head and by == "quant_sensitivity":
@@ -105,7 +115,7 @@ def resolve_quant_plan(model=None, *, budget, bits="2,3,4,8", group="64", by="me
         plan, st = plan_measured(lm, parts, budget=bud, options=options, by=by, fmt=fmt, tokens=tokens, damp=damp,
                                  act_order=act_order, out=out, force=force, resume=resume,
                                  sources=(lm.path,) if lm.path else (), log=say, loss_model=exact_loss,
-                                 search=search)
+                                 search=search, search_tokens=search_tokens, ray=ray)
         if state is not None:
             state.update(st)
         measured_losses, search_trials = st.get("losses"), st.get("search")
@@ -157,13 +167,17 @@ def _logger(quiet: bool):
 def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Path | str = "layerscope-quant",
              export: str | None = None, evaluate: bool = True, eval_tokens: int = 16384, save_model: bool = True,
              force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device: str | None = None,
-             dtype=None, resume: bool = False, sequential: bool = False, **request):
+             dtype=None, resume: bool = False, sequential: bool = False, ray: str | None = None,
+             offload: bool | None = None, **request):
     """Apply a QuantPlan (or resolve `request` into one with `plan_quantize` first): evaluate it on
     held-out text, save the quantized model, export the plan. Returns the QuantizeResult.
 
     Saved model: GPTQ plans as compressed-tensors pack-quantized safetensors (plain transformers
     loads them); rtn/hqq plans (HQQ's grid) only as HQQ's pickle-based qmodel.pt with
-    export='hqq-pickle'. `resume` continues the measurement checkpoint in `out`."""
+    export='hqq-pickle'. `resume` continues the measurement checkpoint in `out`. `ray`: the plan
+    measurements (search trials, held-out evaluations) as Ray tasks, with the local run's numbers.
+    `offload`: stream the blocks from the shards (out-of-core; None: when the weights do not fit) --
+    the model is then quantized, written and evaluated one block at a time (actions.quantize_streamed)."""
     from layerscope.actions.export.quant import parse_exports
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model, resolve
@@ -184,11 +198,11 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
     if plan is None:
         plan, used_table, lm = resolve_quant_plan(model, quiet=quiet, trust_remote_code=trust_remote_code,
                                                   device=device, dtype=dtype, out=out, force=force, resume=resume,
-                                                  state=state, **request)
+                                                  state=state, ray=ray, offload=offload, **request)
     else:
         if request:
             raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
-        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        lm = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype, offload=offload)
         sha = plan.provenance.get("weights_sha256")
         if sha and lm.weights_sha256 and sha != lm.weights_sha256:
             raise LayerscopeError(f"the plan was made for other weights (sha256 {sha[:12]}… vs {lm.weights_sha256[:12]}…)")
@@ -201,16 +215,22 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
     if plan.method == "gptq" and not state.get("tokens"):
         state.update(tokens=2048, seq_len=512, damp=0.1, act_order=False, options=[])
     pre_rounded = lm.model_id == "smollm2"
+    from layerscope.model.offload import from_disk
+
+    streamed = from_disk(lm.model)
+    if streamed and pickle_model:
+        raise LayerscopeError("--export hqq-pickle holds the whole model in memory; it is not available out of core")
     evaluations, weights, qweights = [], None, {}
-    if evaluate and (state or plan.method == "gptq"):
+    if evaluate and not streamed and (state or plan.method == "gptq"):  # streamed: inside the output directory
         from layerscope.actions.quantize_measured import evaluate_against_uniform
 
-        ev = evaluate_against_uniform(lm, parts, plan, state, eval_tokens=eval_tokens, sequential=sequential, say=say)
+        ev = evaluate_against_uniform(lm, parts, plan, state, eval_tokens=eval_tokens, sequential=sequential, say=say,
+                                      ray=ray)
         evaluations, plan = ev["rows"], ev["plan"]
         (weights, qweights), eval_ids = ev["weights"], ev["ids"]
         if pre_rounded:
             evaluations[0]["name"] += " (dequantized Q4_1 fp32)"
-    elif evaluate:
+    elif evaluate and not streamed:
         from layerscope.evaluation.perplexity import PerplexityProtocol
         from layerscope.evaluation.quant_sweep import Evaluator
 
@@ -227,11 +247,16 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
         plan.provenance["evaluation"] = {"protocol": proto.model_dump(), "unquantized_perplexity": base,
                                          "plan_perplexity": q, "path": "fake-quant (bit-exact HQQ dequantized weights), fp32 compute"}
         say(f"perplexity: unquantized {base:.4f}, plan {q:.4f} ({(q / base - 1) * 100:+.2f} %)")
-    if plan.method == "gptq" and save_model and weights is None:
+    if plan.method == "gptq" and save_model and weights is None and not streamed:
         from layerscope.actions.quantize_measured import planned_weights
 
         weights, qweights = planned_weights(lm, parts, plan, state, sequential=sequential, log=say)
     with output_dir(out, verb="quantize", force=force, sources=(source_dir,)) as tmp:
+        streamed_export = None
+        if streamed:
+            evaluations, streamed_export = _quantize_streamed(lm, parts, plan, state, tmp / "model", evaluate=evaluate,
+                                                              eval_tokens=eval_tokens, save_model=save_model,
+                                                              sequential=sequential, say=say)
         plan.save(tmp / "plan.json")
         if used_table is not None:
             used_table.to_json(tmp / "scores.json")
@@ -243,7 +268,10 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
                                      model_type=getattr(lm.model.config, "model_type", "llama"))
             write_json_atomic(tmp / "export" / "validation.json", exported)
         saved = None
-        if save_model and plan.method == "gptq":
+        if streamed_export is not None:
+            exported["compressed-tensors model"] = streamed_export
+            saved = "compressed-tensors"
+        elif save_model and plan.method == "gptq" and not streamed:
             saved = _save_compressed(lm, weights, qweights, tmp / "model", exported, say,
                                      eval_ids if evaluate else None)
         elif save_model and pickle_model:
@@ -270,6 +298,38 @@ def quantize(model=None, plan: QuantPlan | str | Path | None = None, *, out: Pat
         else:
             write_text_atomic(tmp / "report.html", result.report_html())
     return result
+
+
+def _quantize_streamed(lm, parts, plan, state, directory, *, evaluate, eval_tokens, save_model, sequential, say):
+    """Out of core: GPTQ plans quantized and written block by block, then evaluated from the written
+    files; other plans evaluated with each block rounded as it loads. Returns (evaluations, export
+    record or None)."""
+    from layerscope.actions import quantize_streamed as qs
+
+    if plan.method == "gptq" and not state.get("tokens"):
+        state.update(tokens=2048, seq_len=512, damp=0.1, act_order=False, options=[])
+    export = None
+    if plan.method == "gptq" and save_model:
+        say("out of core: quantizing and writing the compressed-tensors model one block at a time")
+        written = qs.write_quantized(lm, parts, plan, state, directory, sequential=sequential, log=say)
+        files = sorted(p.name for p in directory.iterdir())
+        export = {"files": [f"model/{f}" for f in files], "bytes": written["bytes"],
+                  "roundtrip_max_abs_diff": written["roundtrip_max_abs_diff"],
+                  "validated_by": "each packed weight read back from its shard and decompressed with "
+                                  "compressed-tensors equals the quantized weight; the evaluation streams the "
+                                  "saved files (the whole model is not reloaded: it does not fit in memory)"}
+        loaders = qs.saved_loaders(directory, written, plan)
+    elif plan.method == "gptq":
+        raise LayerscopeError("out of core, a gptq plan is applied while its model is written: drop --no-save-model")
+    else:
+        if save_model:
+            note = (f"no model saved: the {plan.method} plan uses HQQ's grid, which compressed-tensors cannot hold "
+                    "(out of core, use --method gptq for a saved model)")
+            say(note)
+            plan.notes.append(note)
+        loaders = qs.rounded_loaders(plan)
+    evaluations = qs.evaluate_streamed(lm, plan, loaders, eval_tokens=eval_tokens, say=say) if evaluate else []
+    return evaluations, export
 
 
 def _save_compressed(lm, weights, qweights, directory, exported, say, ids=None) -> str:

@@ -8,12 +8,11 @@ per-block sparsity list, the plan, a result (kind layerscope.sparsify) and a rep
 """
 from __future__ import annotations
 
-import copy
 import sys
-
-import numpy as np
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from layerscope.errors import LayerscopeError
 from layerscope.plans.sparsify import SparsifyPlan
@@ -78,25 +77,32 @@ def owl_ratios(parts, ids, m: float, batch_size: int = 8) -> list[float]:
 
 def loss_curves(parts, ids, method: str, pattern: str, levels: list[float], *, damp: float = 0.01,
                 batch_size: int = 8, tap_batches: int = 2, loss: str = "output_kl", loss_tokens: int = 1024,
-                log=lambda m: None) -> list[list[float]]:
+                log=lambda m: None, blocks: set[int] | None = None) -> list[list[float] | None]:
     """[block][level] loss of the block pruned alone at each level, every other block dense.
 
     loss "output_kl": KL(dense ‖ pruned) of the model's next-token distributions, nats/token, on the first
     `loss_tokens` calibration tokens (compress.blockwise.OutputTap); "block_error": the block's own relative
     output error on `tap_batches` batches (BlockTap). Statistics from a non-sequential pass over the dense model.
+    blocks: measure only these blocks (the others' rows are None); every block's statistics come from the
+    dense model, so a block's row does not depend on which other blocks are measured
+    (`sparsify_parallel.loss_curves_ray`).
     """
     from layerscope.compress.blockwise import BlockTap, OutputTap, swapped_weights
     from layerscope.compress.sparse import prune_weight
     from layerscope.engine.moments import linear_moments
 
     check_exact_loss(loss)
-    curves: list[list[float]] = []
+    curves: list[list[float] | None] = []
     tap = BlockTap(parts.blocks, tap_batches if loss == "block_error" else 0)
     out = None
     if loss == "output_kl":
         out = OutputTap(parts, ids[:_loss_rows(ids, loss_tokens)])
 
     def on_block(i, block, stats):
+        if blocks is not None and i not in blocks:
+            tap.release(i)
+            curves.append(None)
+            return
         mods = {n: st.module for n, st in stats.items()}
         row = []
         for s in levels:
@@ -159,17 +165,21 @@ def plan_sparsify(model=None, *, sparsity: float, method: str = "wanda", pattern
                   allocation: str = "uniform", tokens: int = 8192, seq_len: int = 256, owl_lambda: float = 0.08,
                   owl_m: float = 5.0, damp: float = 0.01, scores=None, level_step: float = 0.05, level_span: int = 3,
                   exact_loss: str = "output_kl", exact_loss_tokens: int = 1024, quiet: bool = True,
-                  trust_remote_code: bool = False, device=None, dtype=None, loaded=None) -> SparsifyPlan:
-    """Resolve a sparsify request into a SparsifyPlan (measuring what the allocation needs)."""
+                  trust_remote_code: bool = False, device=None, dtype=None, loaded=None,
+                  ray: str | None = None) -> SparsifyPlan:
+    """Resolve a sparsify request into a SparsifyPlan (measuring what the allocation needs).
+
+    ray: measure the exact allocation's loss curves block by block as Ray tasks (same numbers)."""
     return _resolve(model, sparsity=sparsity, method=method, pattern=pattern, allocation=allocation, tokens=tokens,
                     seq_len=seq_len, owl_lambda=owl_lambda, owl_m=owl_m, damp=damp, scores=scores,
                     level_step=level_step, level_span=level_span, exact_loss=exact_loss,
                     exact_loss_tokens=exact_loss_tokens, quiet=quiet, trust_remote_code=trust_remote_code,
-                    device=device, dtype=dtype, loaded=loaded)[0]
+                    device=device, dtype=dtype, loaded=loaded, ray=ray)[0]
 
 
 def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, owl_lambda, owl_m, damp, scores,
-             level_step, level_span, exact_loss, exact_loss_tokens, quiet, trust_remote_code, device, dtype, loaded):
+             level_step, level_span, exact_loss, exact_loss_tokens, quiet, trust_remote_code, device, dtype, loaded,
+             ray=None):
     import datetime as _dt
 
     from layerscope import __version__
@@ -222,8 +232,13 @@ def _resolve(model, *, sparsity, method, pattern, allocation, tokens, seq_len, o
 
         grid = sp.candidate_levels(sparsity, level_step, level_span)
         say(f"exact: measuring each block's loss at sparsity {grid} with {method} ({ids.numel()} calibration tokens)")
-        curves = loss_curves(parts, ids, method, pattern, grid, damp=damp, loss=exact_loss,
-                             loss_tokens=exact_loss_tokens, log=say)
+        options = dict(damp=damp, loss=exact_loss, loss_tokens=exact_loss_tokens)
+        if ray:
+            from layerscope.actions.sparsify_parallel import loss_curves_ray
+
+            curves = loss_curves_ray(parts, ids, method, pattern, grid, address=ray, log=say, **options)
+        else:
+            curves = loss_curves(parts, ids, method, pattern, grid, log=say, **options)
         # pruning more never helps: the measured curve is made non-decreasing in sparsity (a dip at a higher level
         # is measurement noise on a few batches and would pull the plan past the budget's sparsity)
         curves = [[float(x) for x in np.maximum.accumulate(np.asarray(c, dtype=float))] for c in curves]
@@ -275,13 +290,20 @@ def _metric_column(lm, metric: str, scores, tokens: int, seq_len: int, num_layer
 def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: Path | str = "layerscope-sparse",
              evaluate: bool = True, eval_tokens: int = 4096, check_uniform: bool = True, select_tokens: int = 2048,
              force: bool = False, quiet: bool = True, trust_remote_code: bool = False, device=None, dtype=None,
-             **request) -> SparsifyResult:
+             ray: str | None = None, **request) -> SparsifyResult:
     """Apply a SparsifyPlan (or resolve `request` with `plan_sparsify` first) and write the sparse model.
 
     A non-uniform plan is checked against the uniform plan at the same sparsity (perplexity on the
     first `select_tokens` calibration tokens, not the held-out text): the better one is shipped and
     the comparison recorded.
+
+    ray: run the independent evaluations (the exact allocation's loss curves block by block, pruning the plan
+    and the uniform plan, each one's selection perplexity, the dense and the shipped model's held-out
+    perplexity) as Ray tasks (actions/sparsify_parallel.py), on a local cluster ("local") or the cluster at
+    this address; the result is the local run's, number for number.
     """
+    from layerscope.actions.compress_jobs import job_runner
+    from layerscope.actions.sparsify_parallel import shared_inputs
     from layerscope.compress.blockwise import calibration_windows
     from layerscope.model.adapter import find_parts
     from layerscope.model.loading import load_model, resolve
@@ -296,7 +318,7 @@ def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: 
         plan = SparsifyPlan.from_file(plan).check()
     if plan is None:
         plan, lm, _ = _resolve(model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
-                               loaded=None, **_request_defaults(request))
+                               loaded=None, ray=ray, **_request_defaults(request))
     else:
         if request:
             raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request)})")
@@ -312,43 +334,15 @@ def sparsify(model=None, plan: SparsifyPlan | str | Path | None = None, *, out: 
         raise LayerscopeError(f"{lm.model_id} has no causal LM head: use --no-eval")
     cal = plan.calibration
     ids = calibration_windows(lm.tokenizer, int(cal.get("tokens", 8192)), int(cal.get("seq_len", 256)))
-    uniform = [plan.sparsity] * plan.num_layers
-    compare = check_uniform and has_head and plan.levels != uniform
-    dense = copy.deepcopy(lm.model) if (compare or evaluate) else None
+    compare = check_uniform and has_head and plan.levels != [plan.sparsity] * plan.num_layers
     data: dict[str, Any] = {"kind": SparsifyResult.kind, "notes": list(plan.notes), "evaluations": []}
-    say(f"pruning with {plan.method} ({plan.pattern}), sequential statistics on {ids.numel()} tokens")
-    measured = prune_model(parts, ids, plan.method, plan.pattern, plan.levels, damp=plan.damp)
-    data["measured_block_loss"] = measured
-    data["predicted_loss"] = plan.predicted_loss
-    if plan.allocation == "exact" and plan.exact_loss == "output_kl" and dense is not None:
-        from layerscope.compress.blockwise import OutputTap
-
-        # the same loss the curves measured, now with every block pruned at once (so interactions show)
-        kl = OutputTap(find_parts(dense), ids[:_loss_rows(ids, plan.exact_loss_tokens)]).kl_of(parts)
-        data["measured_loss"] = kl
-        data["measured_loss_model"] = "KL(dense ‖ pruned model), nats/token, same calibration tokens as the curves"
-    else:
-        data["measured_loss"] = float(sum(measured))
-        data["measured_loss_model"] = "sum of each block's relative output error, inputs from the pruned prefix"
-    if plan.predicted_loss is not None:
-        say(f"loss: predicted {plan.predicted_loss:.5f}, measured {data['measured_loss']:.5f} "
-            f"({data['measured_loss_model']})")
-    shipped = plan
-    if compare:
-        shipped, model_out = _ship_better(lm, dense, plan, ids, select_tokens, data, say)
-        lm.model = model_out
-    if evaluate:
-        from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
-
-        proto = PerplexityProtocol(max_tokens=eval_tokens)
-        base = perplexity(dense, lm.tokenizer, proto).perplexity
-        got = perplexity(lm.model, lm.tokenizer, proto).perplexity
-        data["evaluations"] = [{"name": "dense", "sparsity": 0.0, "perplexity": base},
-                               {"name": f"{shipped.method} {shipped.allocation}", "sparsity": shipped.achieved_sparsity,
-                                "perplexity": got}]
-        data["protocol"] = proto.model_dump()
-        say(f"perplexity ({proto.describe()}): dense {base:.4f}, sparse {got:.4f}")
-    del dense
+    shared = shared_inputs(lm, plan, ids, evaluate=evaluate, compare=compare, eval_tokens=eval_tokens,
+                           select_tokens=select_tokens)
+    with job_runner(shared, ray) as run:
+        shipped = _prune_and_select(lm, plan, ids, shared, run, compare, data, say)
+        if evaluate:
+            _evaluate_held_out(lm, shipped, shared, run, data, say)
+    del shared
     from layerscope.actions.export.sparse import write_sparse
 
     data["plan"] = shipped.model_dump(mode="json")
@@ -367,21 +361,64 @@ def _request_defaults(request: dict) -> dict:
     return {**defaults, **request}
 
 
-def _ship_better(lm, dense, plan, ids, select_tokens, data, say):
-    """Prune a copy of the dense model uniformly; keep whichever plan has the lower selection perplexity."""
-    from layerscope.evaluation.perplexity import PerplexityProtocol, perplexity
-    from layerscope.model.adapter import find_parts
+def _prune_and_select(lm, plan: SparsifyPlan, ids, shared, run, compare: bool, data: dict, say) -> SparsifyPlan:
+    """Prune the plan (and, with `compare`, the uniform plan) on copies of the dense model, record the
+    measured loss, put the better model into `lm.model`; returns the plan shipped."""
+    from layerscope.actions.compress_jobs import compress_both
+    from layerscope.actions.sparsify_parallel import prune_job
 
-    uni_model = copy.deepcopy(dense)
-    uniform = plan.model_copy(update={"allocation": "uniform", "levels": [plan.sparsity] * plan.num_layers,
-                                      "achieved_sparsity": plan.sparsity, "predicted_loss": None, "scores": None,
-                                      "notes": []})
-    say("pruning the uniform plan at the same sparsity for comparison")
-    prune_model(find_parts(uni_model), ids, plan.method, plan.pattern, uniform.levels, damp=plan.damp)
-    proto = PerplexityProtocol(split="calibration", max_tokens=select_tokens)
-    ours = perplexity(lm.model, lm.tokenizer, proto).perplexity
-    uni = perplexity(uni_model, lm.tokenizer, proto).perplexity
-    data["selection"] = {"protocol": proto.model_dump(), "plan_perplexity": ours, "uniform_perplexity": uni,
+    uniform = _uniform_plan(plan)
+    say(f"pruning with {plan.method} ({plan.pattern}), sequential statistics on {ids.numel()} tokens"
+        + (" (and the uniform plan at the same sparsity, for comparison)" if compare else ""))
+    pruned = compress_both(run, prune_job, (plan.levels, shared.options["kl_rows"] is not None),
+                           (uniform.levels, False), compare=compare)
+    data["measured_block_loss"] = pruned[0]["measured"]
+    data["predicted_loss"] = plan.predicted_loss
+    _record_measured_loss(data, pruned[0])
+    if plan.predicted_loss is not None:
+        say(f"loss: predicted {plan.predicted_loss:.5f}, measured {data['measured_loss']:.5f} "
+            f"({data['measured_loss_model']})")
+    shipped = _choose(plan, uniform, pruned[0]["select"], pruned[1]["select"], shared, data, say) if compare else plan
+    lm.model = pruned[0 if shipped is plan else 1]["model"]
+    return shipped
+
+
+def _evaluate_held_out(lm, shipped: SparsifyPlan, shared, run, data: dict, say) -> None:
+    """Held-out perplexity of the dense and the shipped model (two independent jobs)."""
+    from layerscope.actions.compress_jobs import held_out_perplexities
+
+    base, got = held_out_perplexities(run, lm.model)
+    data["evaluations"] = [{"name": "dense", "sparsity": 0.0, "perplexity": base},
+                           {"name": f"{shipped.method} {shipped.allocation}", "sparsity": shipped.achieved_sparsity,
+                            "perplexity": got}]
+    proto = shared.texts["held_out"][0]
+    data["protocol"] = proto.model_dump()
+    say(f"perplexity ({proto.describe()}): dense {base:.4f}, sparse {got:.4f}")
+
+
+def _record_measured_loss(data: dict, plan_job: dict) -> None:
+    """The plan's measured loss: the curves' output KL with every block pruned at once (so interactions
+    show) when it was measured, else the sum of the blocks' own output errors."""
+    if "kl" in plan_job:
+        data["measured_loss"] = plan_job["kl"]
+        data["measured_loss_model"] = "KL(dense ‖ pruned model), nats/token, same calibration tokens as the curves"
+    else:
+        data["measured_loss"] = float(sum(plan_job["measured"]))
+        data["measured_loss_model"] = "sum of each block's relative output error, inputs from the pruned prefix"
+
+
+def _uniform_plan(plan: SparsifyPlan) -> SparsifyPlan:
+    """The uniform plan at the plan's sparsity (what a non-uniform plan has to beat)."""
+    return plan.model_copy(update={"allocation": "uniform", "levels": [plan.sparsity] * plan.num_layers,
+                                   "achieved_sparsity": plan.sparsity, "predicted_loss": None, "scores": None,
+                                   "notes": []})
+
+
+def _choose(plan: SparsifyPlan, uniform: SparsifyPlan, ours: float, uni: float, shared, data: dict,
+            say) -> SparsifyPlan:
+    """Keep whichever plan has the lower selection perplexity; record the comparison in `data`."""
+    data["selection"] = {"protocol": shared.texts["select"][0].model_dump(), "plan_perplexity": ours,
+                         "uniform_perplexity": uni,
                          "text": "calibration split (what the pruners saw), not the held-out evaluation text"}
     if uni < ours:
         msg = (f"the {plan.allocation} plan measures worse than uniform at the same sparsity ({ours:.4f} vs "
@@ -390,8 +427,8 @@ def _ship_better(lm, dense, plan, ids, select_tokens, data, say):
         data["notes"].append(msg)
         data["shipped"] = "uniform"
         uniform.notes.append(msg)
-        return uniform, uni_model
+        return uniform
     data["shipped"] = plan.allocation
     data["notes"].append(f"{plan.allocation} plan {ours:.4f} vs uniform {uni:.4f} selection perplexity: shipping "
                          f"the {plan.allocation} plan")
-    return plan, lm.model
+    return plan

@@ -1,8 +1,11 @@
-"""Fitting one linear probe: standardised logistic regression with cross-validated C, Wilson intervals, the concept-depth rule."""
+"""Fitting one linear probe: standardised logistic regression with cross-validated C, Wilson intervals, the concept-depth rule.
+
+Also one layer's fit (`fit_layer`, the unit `probe --ray` fans out) and the per-pooling summary of the layer fits."""
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -83,6 +86,49 @@ def fit_probe(X_train: np.ndarray, y_train: np.ndarray, Cs: Sequence[float] = DE
     return _Probe(sc, clf, best, cv_acc)
 
 
+@dataclass(frozen=True)
+class ConceptSplit:
+    """One concept's held-out split and the control's shuffled training labels.
+
+    Drawn once per concept from the seed and shared by every layer and pooling, so a layer fitted
+    anywhere (here or on a Ray worker) sees the same rows and the same control labels."""
+
+    y: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    y_control: np.ndarray | None  # None: no control probe
+
+
+def concept_split(y: np.ndarray, test_size: float, seed: int, control: bool) -> ConceptSplit:
+    """The stratified train/test split of `y` and, with `control`, its shuffled training labels."""
+    tr, te = _split(y, test_size, seed)
+    y_ctrl = y[tr][np.random.default_rng(seed + 1).permutation(len(tr))] if control else None
+    return ConceptSplit(y=y, train=tr, test=te, y_control=y_ctrl)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """What one layer's probe (and control) got right on the held-out rows: all a layer contributes."""
+
+    correct: int
+    C: float
+    control_correct: int | None
+
+
+def fit_layer(X: np.ndarray, split: ConceptSplit, Cs: Sequence[float], cv: int, seed: int) -> LayerFit:
+    """Fit the probe (and the control, if the split has one) on one layer's features X [N, d].
+
+    The result depends only on the arguments (the CV folds are seeded by `seed`), which is what
+    lets the layers be fitted in any order, in any process, with the same numbers."""
+    y, tr, te = split.y, split.train, split.test
+    pr = fit_probe(X[tr], y[tr], Cs, cv, seed)
+    correct = int((pr.predict(X[te]) == y[te]).sum())
+    ctrl = None
+    if split.y_control is not None:
+        ctrl = int((fit_probe(X[tr], split.y_control, Cs, cv, seed).predict(X[te]) == y[te]).sum())
+    return LayerFit(correct=correct, C=pr.C, control_correct=ctrl)
+
+
 def chosen_C(probe: _Probe) -> float:
     return probe.C
 
@@ -101,3 +147,50 @@ def _split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.n
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
     return np.sort(tr), np.sort(te)
+
+
+@dataclass
+class PoolingResult:
+    """One pooling's probe curve over the layers, with its control, baseline and concept depth."""
+
+    accuracy: list[float]
+    ci_low: list[float]
+    ci_high: list[float]
+    C: list[float]
+    control: list[float] | None
+    control_ci_low: list[float] | None
+    control_ci_high: list[float] | None
+    depth: int | None
+    depth_reason: str
+    best_layer: int
+    best_accuracy: float
+    baseline: float
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def summarise_layers(fits: Sequence[LayerFit], y_test: np.ndarray, control: bool,
+                     depth_fraction: float) -> tuple[PoolingResult, float]:
+    """Accuracies, Wilson intervals, baseline and concept depth from the per-layer held-out counts."""
+    n_test = len(y_test)
+    acc = [f.correct / n_test for f in fits]
+    lo, hi = (list(v) for v in zip(*(wilson_interval(f.correct, n_test) for f in fits)))
+    cacc = clo = chi = None
+    if control:
+        cacc = [f.control_correct / n_test for f in fits]
+        clo, chi = (list(v) for v in zip(*(wilson_interval(f.control_correct, n_test) for f in fits)))
+    _, counts = np.unique(y_test, return_counts=True)
+    majority = float(counts.max() / n_test)
+    baseline = max(majority, float(np.mean(cacc))) if control else majority
+    best = int(np.argmax(acc))
+    above = [lo[i] > (max(chi) if control else majority) for i in range(len(acc))]
+    if any(above):
+        depth, reason = concept_depth(acc, baseline, depth_fraction), (
+            f"first layer reaching {depth_fraction:.0%} of the best accuracy above the baseline {baseline:.3f}")
+    else:
+        depth, reason = None, "no layer's 95% interval lies above the control: not decodable at any depth"
+    res = PoolingResult(accuracy=acc, ci_low=lo, ci_high=hi, C=[f.C for f in fits], control=cacc,
+                        control_ci_low=clo, control_ci_high=chi, depth=depth, depth_reason=reason,
+                        best_layer=best, best_accuracy=float(acc[best]), baseline=baseline)
+    return res, majority

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,10 +40,11 @@ import torch
 from layerscope.analysis.features import POOLINGS, LayerFeatures, collect_features
 from layerscope.analysis.probe_fit import (
     DEFAULT_CS,
-    _split,
-    concept_depth,
-    fit_probe,
-    wilson_interval,
+    LayerFit,
+    PoolingResult,
+    concept_split,
+    fit_layer,
+    summarise_layers,
 )
 from layerscope.data.labelled import (
     CONCEPTS,
@@ -75,25 +76,6 @@ from layerscope.results import Result
 
 
 # =========================================================================== fitting
-
-
-@dataclass
-class PoolingResult:
-    accuracy: list[float]
-    ci_low: list[float]
-    ci_high: list[float]
-    C: list[float]
-    control: list[float] | None
-    control_ci_low: list[float] | None
-    control_ci_high: list[float] | None
-    depth: int | None
-    depth_reason: str
-    best_layer: int
-    best_accuracy: float
-    baseline: float
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -137,52 +119,36 @@ def fit_layer_probes(features: np.ndarray, labels: Sequence[str], name: str, *, 
 
 
 def _fit_all(features: np.ndarray, y: np.ndarray, test_size: float, Cs, cv: int, control: bool,
-             depth_fraction: float, seed: int, progress: Callable[[], None] | None = None):
-    tr, te = _split(y, test_size, seed)
-    y_ctrl = y[tr][np.random.default_rng(seed + 1).permutation(len(tr))]
-    acc, lo, hi, cs, cacc, clo, chi = [], [], [], [], [], [], []
-    n_test = len(te)
-    for layer in range(features.shape[0]):
-        X = features[layer]
-        pr = fit_probe(X[tr], y[tr], Cs, cv, seed)
-        correct = int((pr.predict(X[te]) == y[te]).sum())
-        acc.append(correct / n_test)
-        a, b = wilson_interval(correct, n_test)
-        lo.append(a)
-        hi.append(b)
-        cs.append(pr.C)
-        if control:
-            cc = int((fit_probe(X[tr], y_ctrl, Cs, cv, seed).predict(X[te]) == y[te]).sum())
-            cacc.append(cc / n_test)
-            a, b = wilson_interval(cc, n_test)
-            clo.append(a)
-            chi.append(b)
-        if progress:
-            progress()
-    _, counts = np.unique(y[te], return_counts=True)
-    majority = float(counts.max() / n_test)
-    baseline = max(majority, float(np.mean(cacc))) if control else majority
-    best = int(np.argmax(acc))
-    above = [lo[i] > (max(chi) if control else majority) for i in range(len(acc))]
-    if any(above):
-        depth, reason = concept_depth(acc, baseline, depth_fraction), (
-            f"first layer reaching {depth_fraction:.0%} of the best accuracy above the baseline {baseline:.3f}")
-    else:
-        depth, reason = None, "no layer's 95% interval lies above the control: not decodable at any depth"
-    res = PoolingResult(accuracy=acc, ci_low=lo, ci_high=hi, C=cs,
-                        control=cacc if control else None, control_ci_low=clo if control else None,
-                        control_ci_high=chi if control else None, depth=depth, depth_reason=reason,
-                        best_layer=best, best_accuracy=float(acc[best]), baseline=baseline)
-    return res, (tr, te, majority)
+             depth_fraction: float, seed: int, progress: Callable[[], None] | None = None,
+             fits: Sequence[LayerFit] | None = None):
+    """Probe every layer of `features` (or take `fits`, the layers already fitted elsewhere) and summarise."""
+    split = concept_split(y, test_size, seed, control)
+    if fits is None:
+        fits = []
+        for layer in range(features.shape[0]):
+            fits.append(fit_layer(features[layer], split, Cs, cv, seed))
+            if progress:
+                progress()
+    res, majority = summarise_layers(fits, y[split.test], control, depth_fraction)
+    return res, (split.train, split.test, majority)
+
+
+def _check_depth_fraction(depth_fraction: float) -> None:
+    if not 0 < depth_fraction <= 1:
+        raise LayerscopeError(f"depth fraction must be in (0, 1], got {depth_fraction}")
 
 
 def probe_concept(feats: LayerFeatures, data: LabelledTexts, *, test_size: float = 0.25,
                   Cs: Sequence[float] = DEFAULT_CS, cv: int = 3, control: bool = True,
                   depth_fraction: float = 0.9, seed: int = 0,
-                  progress: Callable[[], None] | None = None) -> ConceptResult:
+                  progress: Callable[[], None] | None = None,
+                  fits: Mapping[str, Sequence[LayerFit]] | None = None) -> ConceptResult:
+    """Probe every layer of every pooling in `feats` for the labels of `data`.
+
+    fits: per pooling, the layers already fitted elsewhere (`probe(..., ray=...)` fits them on Ray
+    workers); they are summarised exactly as layers fitted here would be."""
     classes = check_labels(data.labels, data.name)
-    if not 0 < depth_fraction <= 1:
-        raise LayerscopeError(f"depth fraction must be in (0, 1], got {depth_fraction}")
+    _check_depth_fraction(depth_fraction)
     y = np.asarray(data.labels)
     pools: dict[str, PoolingResult] = {}
     n_train = n_test = 0
@@ -190,7 +156,8 @@ def probe_concept(feats: LayerFeatures, data: LabelledTexts, *, test_size: float
     for p, X in feats.pooled.items():
         if X.shape[1] != len(y):
             raise LayerscopeError(f"{X.shape[1]} feature rows but {len(y)} labels")
-        pools[p], (tr, te, majority) = _fit_all(X, y, test_size, Cs, cv, control, depth_fraction, seed, progress)
+        pools[p], (tr, te, majority) = _fit_all(X, y, test_size, Cs, cv, control, depth_fraction, seed, progress,
+                                                fits[p] if fits is not None else None)
         n_train, n_test = len(tr), len(te)
     return ConceptResult(concept=data.name, source=data.source, classes=classes,
                          class_counts={c: int((y == c).sum()) for c in classes}, n=len(y), n_train=n_train,
@@ -322,6 +289,16 @@ def _progress_printer(enabled: bool, label: str):
     return show
 
 
+def _fit_on_ray(feats: LayerFeatures, datasets: Sequence[LabelledTexts], test_size: float, Cs: Sequence[float],
+                cv: int, control: bool, seed: int, address: str,
+                progress: Callable[[], None]) -> list[dict[str, list[LayerFit]]]:
+    """Every concept's layer fits, computed by Ray workers from the features collected here."""
+    from layerscope.analysis.probe_parallel import fit_layers_ray
+
+    splits = [concept_split(np.asarray(ds.labels), test_size, seed, control) for ds in datasets]
+    return fit_layers_ray(feats.pooled, splits, Cs, cv, seed, address, progress)
+
+
 def probe(
     model: Any = None,
     data: Any = None,
@@ -348,14 +325,22 @@ def probe(
     seed: int = 0,
     progress: bool = False,
     trust_remote_code: bool = False,
+    ray: str | None = None,
 ) -> ProbeResult:
     """Fit a linear probe at every layer of `model` for each concept; optionally add the layer CKA map.
 
     data: None (built-in concepts, see `concepts`: 'sentiment', 'source'), a .csv/.tsv/.jsonl/.json
     path with `text_field`/`label_field`, a list of (text, label) pairs, or {'texts', 'labels'}.
     At most `n` examples are used (a deterministic class-balanced subsample).
+    ray: fit the layers as Ray tasks ("local" starts a local cluster, else a ``ray.init`` address);
+    the features are still collected here, once. The numbers are the local run's.
     """
     t0 = time.perf_counter()
+    if ray:  # before the model loads and the features are collected: a missing Ray is one line
+        from layerscope.engine.ray_pool import require_ray
+
+        require_ray()
+    _check_depth_fraction(depth_fraction)
     subject = model if isinstance(model, Subject) else load_subject(model, tokenizer, trust_remote_code)
     if isinstance(n, bool) or not isinstance(n, int) or n < 16:
         raise LayerscopeError(f"n must be an integer >= 16, got {n!r}")
@@ -404,9 +389,11 @@ def probe(
             if show:
                 show(done[0], total)
 
-        for ds in datasets:
+        fitted = _fit_on_ray(feats, datasets, test_size, Cs, cv, control, seed, ray, tick) if ray else None
+        for i, ds in enumerate(datasets):
             results[ds.name] = probe_concept(feats, ds, test_size=test_size, Cs=Cs, cv=cv, control=control,
-                                             depth_fraction=depth_fraction, seed=seed, progress=tick)
+                                             depth_fraction=depth_fraction, seed=seed, progress=tick,
+                                             fits=fitted[i] if fitted is not None else None)
         timings["probes"] = time.perf_counter() - t1
     sim = None
     if cka:

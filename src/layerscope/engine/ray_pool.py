@@ -12,7 +12,8 @@ anything else is passed to ``ray.init(address=...)`` (e.g. "auto" or "ray://head
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from layerscope.errors import LayerscopeError
 
@@ -81,6 +82,18 @@ class WorkerPool:
         refs = [self.task.remote(self.box, self.threads, fn, it) for it in items]
         return list(self.ray.get(refs))
 
+    def map_dealt(self, fn: Callable[[Any, list[int]], list[Any]], n: int) -> list[Any]:
+        """The results for indices 0..n-1 (e.g. blocks), dealt out round-robin, one chunk per worker:
+        ``fn(payload, chunk)`` returns one result per index of its chunk; they come back in index order.
+        Dealing (not slicing) balances the load when later indices cost more or less than earlier ones."""
+        k = max(1, min(self.workers, n))
+        chunks = [list(range(w, n, k)) for w in range(k)]
+        out: list[Any] = [None] * n
+        for chunk, got in zip(chunks, self.map(fn, chunks)):
+            for i, r in zip(chunk, got):
+                out[i] = r
+        return out
+
     def close(self) -> None:
         self.box = []
 
@@ -89,3 +102,16 @@ class WorkerPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextmanager
+def task_runner(payload: Any, fn: Callable[[Any, Any], Any], address: str | None
+                ) -> Iterator[Callable[[Sequence[Any]], list[Any]]]:
+    """`run(items)` giving ``[fn(payload, item) for item in items]``: one after the other here (no `address`),
+    or as Ray tasks on `address` ("local" for a local cluster). Both call `fn` on the same inputs, so a verb
+    written against `run` gives the same numbers with and without --ray."""
+    if not address:
+        yield lambda items: [fn(payload, it) for it in items]
+        return
+    with WorkerPool(payload, address) as pool:
+        yield lambda items: pool.map(fn, list(items))

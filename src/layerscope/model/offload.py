@@ -46,6 +46,8 @@ class _Tensor:
     cpu: torch.Tensor | None = None
     shape: tuple = ()
     dtype: torch.dtype | None = None
+    path: str = ""  # the tensor's name inside its block (e.g. "mlp.down_proj.weight")
+    loader: Any = None  # while set (`BlockStreamer.substituted`): value = loader(source value)
 
 
 @dataclass
@@ -110,7 +112,7 @@ class BlockStreamer:
                     raise LayerscopeError(f"{label}: no tensor for '{name}' in the checkpoint")
                 slot.tensors.append(_Tensor(owner, leaf, kind == "p", file=src[0] if src else None,
                                             key=src[1] if src else None, cpu=None if src else value,
-                                            shape=tuple(value.shape), dtype=value.dtype))
+                                            shape=tuple(value.shape), dtype=value.dtype, path=name))
         return slot
 
     # ----------------------------------------------------------------- residency
@@ -120,17 +122,21 @@ class BlockStreamer:
             if t.file is not None:
                 by_file.setdefault(t.file, []).append(t)
             else:
-                _set(t, t.cpu.to(self.device))  # type: ignore[union-attr]
+                _set(t, self._value(t, t.cpu))  # type: ignore[arg-type]
         from safetensors import safe_open
 
         for f, ts in by_file.items():
             with safe_open(f, framework="pt", device="cpu") as fh:
                 for t in ts:
-                    v = fh.get_tensor(t.key)
-                    _set(t, v.to(device=self.device, dtype=t.dtype if v.is_floating_point() else v.dtype))
+                    _set(t, self._value(t, fh.get_tensor(t.key)))
         slot.resident = True
         self.loads += 1
         self.log.append(("load", slot.label))
+
+    def _value(self, t: _Tensor, source: torch.Tensor) -> torch.Tensor:
+        if t.loader is not None:
+            source = t.loader(source)
+        return source.to(device=self.device, dtype=t.dtype if source.is_floating_point() else source.dtype)
 
     def _release(self, slot: _Slot) -> None:
         for t in slot.tensors:
@@ -164,6 +170,29 @@ class BlockStreamer:
             yield
         finally:
             self._paused -= 1
+
+    @contextmanager
+    def substituted(self, loaders: dict[str, Any]) -> Iterator[None]:
+        """While active, the block tensors named in `loaders` ({full name: callable}) take the value
+        `callable(source value)` whenever their block loads -- e.g. a quantized model's dequantized
+        weights, read back from the shards just written, or the source rounded to a grid."""
+        prefix = self.parts.blocks_path + "."
+        where = {}
+        for i, block in enumerate(self.parts.blocks):
+            for t in self.slots[id(block)].tensors:
+                where[f"{prefix}{i}.{t.path}"] = t
+        unknown = [n for n in loaders if n not in where]
+        if unknown:
+            raise LayerscopeError(f"no streamed block tensor named {unknown[0]}")
+        self.release()  # nothing resident keeps the old values
+        try:
+            for n, fn in loaders.items():
+                where[n].loader = fn
+            yield
+        finally:
+            for n in loaders:
+                where[n].loader = None
+            self.release()
 
     def resident_labels(self) -> list[str]:
         return [s.label for s in [*self.slots.values(), *([self.head_slot] if self.head_slot else [])] if s.resident]

@@ -7,9 +7,10 @@ the same model. Edit `coefficients` by hand to merge with your own.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerscope.plans.base import Plan
 
@@ -32,6 +33,8 @@ class MergePlan(Plan):
     method: Literal["task_arithmetic", "ties", "dare_ties"] = "task_arithmetic"
     layers: Literal["uniform", "lines", "importance", "adamerging"] = "uniform"
     lambdas: list[float] | None = Field(None, description="λ per task (uniform coefficient); null = 1.0 each")
+    lambda_grid: list[float] | None = Field(
+        None, description="scales g of every λ to try on held-out task text; the least mean NLL wins (null: no grid)")
     density: float = Field(0.5, gt=0, le=1, description="ties / dare_ties: share of each task vector kept")
     alpha: float | None = Field(None, description="lines: scale of the first block; null = LiNeS's rule")
     beta: float | None = Field(None, description="lines: added at the last block; null = mean(λ) − α")
@@ -50,16 +53,32 @@ class MergePlan(Plan):
         None, description="resolved: per task {attention|mlp|block: [one per block], embed, head}")
     details: dict[str, Any] = Field(default_factory=dict, description="how the coefficients were obtained")
 
+    @field_validator("lambda_grid")
+    @classmethod
+    def _grid_positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or not all(math.isfinite(g) and g > 0 for g in v)):
+            raise ValueError(f"the λ grid needs one or more finite values > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_unresolved(self) -> "MergePlan":
+        if self.lambda_grid and self.coefficients is not None:
+            raise ValueError("a plan with a λ grid is resolved per grid point: drop its coefficients or its grid")
+        return self
+
     def describe(self) -> str:
         return (f"{self.method} of {len(self.models)} model(s) into {self.base} with {self.layers} layer coefficients"
                 + (f" ({self.importance})" if self.layers == "importance" else ""))
 
 
 def plan_merge(base: str, models: list[str | dict | MergeSource], **request: Any) -> MergePlan:
-    """Resolve a merge request into a plan with its coefficients (measured or learned where the scheme says)."""
+    """Resolve a merge request into a plan with its coefficients (measured or learned where the scheme says).
+    A plan with a λ grid stays unresolved: `merge` resolves it at every grid point and keeps the best."""
     from layerscope.actions.merge.context import load_context
 
     srcs = [m.model_dump() if isinstance(m, MergeSource) else dict(m) if isinstance(m, dict) else {"model": str(m)}
             for m in models]
     plan = MergePlan.from_dict({"base": str(base), "models": srcs, **request}, where="merge request")
+    if plan.lambda_grid:
+        return plan
     return load_context(plan).resolve()

@@ -106,44 +106,41 @@ def measured_search(layers, losses, budget: float, score, *, fmt: str, num_layer
                     method: str, steps: Sequence[int | None] = SEARCH_STEPS, z: float = SEARCH_Z,
                     log=lambda m: None) -> tuple[QuantPlan, list[dict]]:
     """The plan with the least *measured* loss among the uniform plan and the exact plans that leave it
-    in at most k layers, k ∈ `steps` (None: no limit). `score(plan)` returns the plan's ΔNLL on each
-    calibration sequence (nats/token). The additive estimate chooses *which* layers change for a given
-    k; the measurement decides how far from the uniform plan to go. A plan is preferred to the uniform
-    one only when its gain, paired over the same sequences, exceeds `z` standard errors — near a good
-    uniform plan the differences are of the size of the text-to-text noise, and a gain that is not
-    clear on calibration text does not carry to held-out text. Returns (plan, trials)."""
+    in at most k layers, k ∈ `steps` (None: no limit). `score(plans)` returns each plan's ΔNLL on each
+    calibration sequence (nats/token) -- all plans at once, so they can be measured in parallel. The
+    additive estimate chooses *which* layers change for a given k; the measurement decides how far from
+    the uniform plan to go. A plan is preferred to the uniform one only when its gain, paired over the
+    same sequences, exceeds `z` standard errors — near a good uniform plan the differences are of the
+    size of the text-to-text noise, and a gain that is not clear on calibration text does not carry to
+    held-out text. Returns (plan, trials)."""
     import numpy as np
 
     common = dict(fmt=fmt, num_layers=num_layers, blocks_path=blocks_path, method=method)
     uniform = uniform_plan(layers, losses.options, budget, losses=losses, **common)
     base_key = tuple((e.bits, e.group_size) for e in uniform.entries)
-    tried: dict[tuple, dict] = {}
-    u_seq = None
-    best, best_m = uniform, None
+    plans: dict[tuple, tuple[int | None, QuantPlan]] = {}  # distinct plans, in the order of `steps`
     for k in [0, *steps]:
         p = uniform if k == 0 else exact_plan(layers, losses, budget, anchor=uniform, max_changes=k, **common)
-        key = tuple((e.bits, e.group_size) for e in p.entries)
-        if key in tried:
-            continue
-        seq = np.asarray(score(p), dtype=float).reshape(-1)
+        plans.setdefault(tuple((e.bits, e.group_size) for e in p.entries), (k, p))
+    seqs = [np.asarray(s, dtype=float).reshape(-1) for s in score([p for _, p in plans.values()])]
+    u_seq = seqs[0]
+    best, best_m, trials = uniform, float(u_seq.mean()), []
+    for (key, (k, p)), seq in zip(plans.items(), seqs):
         m = float(seq.mean())
         t = {"max_changes": k, "changed": sum(a != b for a, b in zip(key, base_key)), "predicted": p.objective,
              "measured": m, "bpw": p.achieved_bpw, "gain_vs_uniform": None, "standard_error": None,
              "clear_gain": None}
-        if k == 0:
-            u_seq, best_m = seq, m
-        else:
+        if k != 0:
             d = u_seq - seq
             se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
             t.update(gain_vs_uniform=float(d.mean()), standard_error=se, clear_gain=bool(d.mean() > z * se))
             if t["clear_gain"] and m < best_m:
                 best, best_m = p, m
-        tried[key] = t
+        trials.append(t)
         log(f"  search: {'uniform' if k == 0 else f'≤ {k} changes' if k else 'unconstrained'}: {t['changed']} layers "
             f"changed, predicted ΔNLL {p.objective:.4g}, measured {m:.4g} nats/token"
             + (f" (gain {t['gain_vs_uniform']:+.4g} ± {t['standard_error']:.2g}{'' if t['clear_gain'] else ', not clear'})"
                if k else ""))
-    trials = list(tried.values())
     best.notes.append(f"chosen by measurement on {u_seq.size} calibration sequences among the uniform plan and "
                       "exact plans leaving it in at most 1, 2, 4, ... 64 layers or any number (a plan replaces the "
                       f"uniform one only with a gain above {z:g} standard errors): "

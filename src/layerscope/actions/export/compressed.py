@@ -40,21 +40,34 @@ def quantization_config(qweights: dict, ignore: list[str]) -> dict:
 def save_compressed(model, qweights: dict, directory: Path, tokenizer=None) -> list[str]:
     """Write `model` (whose planned linears already hold the dequantized weights) with the codes and
     scales of `qweights` {full module name: QuantizedWeight} as compressed-tensors pack-quantized."""
-    try:
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import (
-            QuantizationConfig,
-            apply_quantization_config,
-        )
-    except ImportError:
-        raise LayerscopeError("saving a compressed-tensors model needs the compressed-tensors package "
-                              "(pip install compressed-tensors)") from None
+    ModelCompressor, QuantizationConfig, apply_quantization_config = _library()
     if not qweights:
         raise LayerscopeError("the plan quantizes no layer: nothing to save in compressed-tensors form")
     m = copy.deepcopy(model)
+    comp = _compressed_in_place(m, qweights, ModelCompressor, QuantizationConfig, apply_quantization_config)
+    directory.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(str(directory))
+    comp.update_config(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _library():
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    except ImportError:
+        raise LayerscopeError("saving a compressed-tensors model needs the compressed-tensors package "
+                              "(pip install compressed-tensors)") from None
+    return ModelCompressor, QuantizationConfig, apply_quantization_config
+
+
+def _compressed_in_place(m, qweights: dict, ModelCompressor, QuantizationConfig, apply_quantization_config):
+    """Attach the schemes to `m`'s planned linears (names relative to `m`), give them our codes'
+    values and scales, and pack them with the library; returns its ModelCompressor."""
     modules = dict(m.named_modules())
-    planned = set(qweights)
-    ignore = [n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear) and n not in planned]
+    ignore = [n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear) and n not in qweights]
     qc = QuantizationConfig.model_validate(quantization_config(qweights, ignore))
     apply_quantization_config(m, qc)
     for name, qw in qweights.items():
@@ -65,12 +78,54 @@ def save_compressed(model, qweights: dict, directory: Path, tokenizer=None) -> l
         mod.weight_scale.data = qw.scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
     comp = ModelCompressor.from_pretrained_model(m, quantization_format="pack-quantized")
     comp.compress_model(m)
-    directory.mkdir(parents=True, exist_ok=True)
-    m.save_pretrained(str(directory))
+    return comp
+
+
+@torch.no_grad()
+def compress_block(block: torch.nn.Module, qweights: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """One block's tensors as `save_compressed` writes them ({prefix + name: tensor}; `qweights` keyed
+    by names inside the block) -- the out-of-core model is written one block at a time."""
+    lib = _library()
+    # A copy of the module tree that shares the tensors (one block's weights are never held twice) and
+    # carries no hooks: an out-of-core block's hooks hold the streamer, and through it the whole model.
+    memo: dict[int, object] = {id(t): t for t in [*block.parameters(), *block.buffers()]}
+    for m in block.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks, m._forward_pre_hooks_with_kwargs,
+                      m._forward_hooks_with_kwargs):
+            memo[id(hooks)] = type(hooks)()
+    b = copy.deepcopy(block, memo=memo)
+    if qweights:
+        _compressed_in_place(b, qweights, *lib)
+    return {prefix + k: v for k, v in b.state_dict().items()}
+
+
+def write_config(skeleton: torch.nn.Module, qweights: dict, directory: Path) -> None:
+    """`quantization_config` in directory/config.json exactly as `save_compressed` writes it, built
+    on an empty (meta) copy of the model: the schemes need only the module tree."""
+    ModelCompressor, QuantizationConfig, apply_quantization_config = _library()
+    from compressed_tensors.quantization import QuantizationStatus
+
+    modules = dict(skeleton.named_modules())
+    ignore = [n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear) and n not in qweights]
+    apply_quantization_config(skeleton, QuantizationConfig.model_validate(quantization_config(qweights, ignore)))
+    comp = ModelCompressor.from_pretrained_model(skeleton, quantization_format="pack-quantized")
+    comp.quantization_config.quantization_status = QuantizationStatus.COMPRESSED  # what compress_model records
     comp.update_config(str(directory))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    return sorted(p.name for p in directory.iterdir())
+
+
+def packed_weight(file: Path, name: str, bits: int, group_size: int) -> torch.Tensor:
+    """The dequantized weight of linear `name` read back from a pack-quantized shard (float32), with
+    the library's own decompression."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(f"{name}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
+    scheme = QuantizationScheme.model_validate(
+        {"targets": [name], "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+                                        "group_size": group_size, "dynamic": False}})
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"].float()
 
 
 @torch.no_grad()

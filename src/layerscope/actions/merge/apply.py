@@ -4,7 +4,8 @@ Writes a standard Hugging Face directory (safetensors, the base's config, tokeni
 config; tied embeddings stay tied, so plain ``from_pretrained`` loads it), ``merge.json`` (kind
 layerscope.merge: the plan, the coefficients per task, block and sublayer, how they were obtained),
 ``layerscope_plan.yaml``, ``mergekit.yaml`` (the same merge for ``mergekit-yaml``, with whether it is
-exact) and ``report.html`` (the coefficients over depth).
+exact) and ``report.html`` (the coefficients over depth). With a λ grid (`grid.py`) the written merge is
+the grid's best point, and merge.json's ``lambda_grid`` holds every point's held-out NLL per task.
 """
 from __future__ import annotations
 
@@ -45,8 +46,12 @@ class MergeResult(Result):
     def summary_of(cls, d: dict[str, Any]) -> str:
         p = d["plan"]
         mk = d.get("mergekit") or {}
-        return (f"merged {len(p['models'])} model(s) into {p['base']} by {p['method']} with {p['layers']} coefficients; "
-                f"mergekit recipe {'exact' if mk.get('exact') else 'approximate: ' + '; '.join(mk.get('reasons', []))}")
+        grid = d.get("lambda_grid")
+        chose = (f"; λ grid {grid['grid']}: chose ×{grid['chosen']:g} (mean held-out NLL "
+                 f"{next(q['mean_nll'] for q in grid['points'] if q['lambda'] == grid['chosen']):.4f})" if grid else "")
+        return (f"merged {len(p['models'])} model(s) into {p['base']} by {p['method']} with {p['layers']} coefficients"
+                f"{chose}; mergekit recipe "
+                f"{'exact' if mk.get('exact') else 'approximate: ' + '; '.join(mk.get('reasons', []))}")
 
     @classmethod
     def table_of(cls, d: dict[str, Any]):
@@ -84,7 +89,8 @@ def _filters(ctx: MergeContext) -> dict[str, str]:
     return out
 
 
-def apply_merge(ctx: MergeContext, out: str | Path, *, force: bool = False) -> MergeResult:
+def apply_merge(ctx: MergeContext, out: str | Path, *, force: bool = False,
+                grid: dict[str, Any] | None = None) -> MergeResult:
     from layerscope import __version__
     from layerscope.actions.export.mergekit_merge import merge_recipe
     from layerscope.actions.prune import _copy_side_files
@@ -107,6 +113,8 @@ def apply_merge(ctx: MergeContext, out: str | Path, *, force: bool = False) -> M
         "load": "transformers.AutoModelForCausalLM.from_pretrained(DIR) (a standard model)",
         "plan": plan.to_dict(),
     }
+    if grid is not None:
+        record["lambda_grid"] = grid
     src_dir = Path(ctx.base_info["path"]) if ctx.base_info["path"] else None
     with output_dir(out, verb="merge", force=force, sources=tuple(Path(p) for p in [base_path, *paths]
                                                                   if Path(p).exists())) as tmp:
@@ -122,11 +130,18 @@ def apply_merge(ctx: MergeContext, out: str | Path, *, force: bool = False) -> M
 
 def merge(base: Any = None, models: list | None = None, plan: MergePlan | str | Path | None = None, *,
           out: str | Path, force: bool = False, trust_remote_code: bool = False, progress=None,
-          **request: Any) -> MergeResult:
-    """Merge fine-tuned `models` into `base` (or apply `plan`, a MergePlan or plan file) and write `out`."""
+          ray: str | None = None, **request: Any) -> MergeResult:
+    """Merge fine-tuned `models` into `base` (or apply `plan`, a MergePlan or plan file) and write `out`.
+
+    With ``lambda_grid=[g, ...]`` every g·λ is merged and measured on held-out task text and the best one is
+    written (see `grid.py`); `ray` ("local" or an address) runs those grid points as Ray tasks."""
     from layerscope.outputs import check_output
 
     check_output(out, force=force)
+    if ray:
+        from layerscope.engine.ray_pool import require_ray
+
+        require_ray()
     if isinstance(plan, (str, Path)):
         plan = MergePlan.from_file(plan)
     if plan is None:
@@ -137,4 +152,9 @@ def merge(base: Any = None, models: list | None = None, plan: MergePlan | str | 
     elif request or models:
         raise LayerscopeError(f"give either a plan or a request, not both ({', '.join(request) or 'models'})")
     ctx = load_context(plan, trust_remote_code=trust_remote_code, progress=progress)
-    return apply_merge(ctx, out, force=force)
+    grid = None
+    if ctx.plan.lambda_grid:
+        from layerscope.actions.merge.grid import run_grid
+
+        ctx, grid = run_grid(ctx, ray=ray)
+    return apply_merge(ctx, out, force=force, grid=grid)

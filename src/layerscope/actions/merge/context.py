@@ -56,6 +56,10 @@ class MergeContext:
         if not src.data:
             raise LayerscopeError(f"{self.plan.layers} needs each fine-tuned model's task data: give --data for "
                                   f"model {t} ({src.model})")
+        if self.plan.lambda_grid:  # a λ grid measures on held-out documents: the schemes never read them
+            from layerscope.actions.merge.grid import task_texts
+
+            return task_texts(src.data, "calibration")
         return load_texts(src.data, split="calibration")
 
     def entropy_batches(self) -> tuple[list[dict], list[dict]]:

@@ -6,7 +6,17 @@ from typing import Optional
 
 import typer
 
-from layerscope.cli.parsers import Device, DryRun, Dtype, Force, ModelArg, PlanFile, Quiet, TrustRemoteCode
+from layerscope.cli.parsers import (
+    Device,
+    DryRun,
+    Dtype,
+    Force,
+    ModelArg,
+    PlanFile,
+    Quiet,
+    RayAddress,
+    TrustRemoteCode,
+)
 from layerscope.errors import LayerscopeError
 
 
@@ -31,22 +41,28 @@ def register(app: typer.Typer) -> None:
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Quiet = False,
+        ray: RayAddress = None,
     ) -> None:
         """Factorize the blocks' linear layers into Linear(in, r) -> Linear(r, out) pairs under a parameter budget."""
         from layerscope.actions.lowrank import lowrank, plan_lowrank
         from layerscope.plans.lowrank import LowrankPlan
 
+        if ray:  # loss curves, the plan's and the uniform plan's factorization and perplexities run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
         if plan is None and reduction is None:
             raise LayerscopeError("--reduction is required (or --plan FILE)")
         request = dict(reduction=reduction, method=method, allocation=allocation, tokens=tokens, seq_len=seq_len,
                        exact_loss=exact_loss)
         if dry_run:
             the_plan = LowrankPlan.from_file(plan) if plan else plan_lowrank(
-                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
+                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, ray=ray,
+                **request)
             typer.echo(the_plan.to_yaml(), nl=False)
             return
-        common = dict(out=out, evaluate=evaluate, eval_tokens=eval_tokens, check_uniform=check_uniform, force=force, quiet=quiet,
-                      trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        common = dict(out=out, evaluate=evaluate, eval_tokens=eval_tokens, check_uniform=check_uniform, force=force,
+                      quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, ray=ray)
         result = lowrank(model, plan, **common) if plan is not None else lowrank(model, **common, **request)
         if not quiet:
             typer.echo(result.summary())

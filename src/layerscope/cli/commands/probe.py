@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from layerscope.cli.parsers import Device, Dtype, Force, Quiet, Seed, TrustRemoteCode
+from layerscope.cli.parsers import Device, Dtype, Force, Quiet, RayAddress, Seed, TrustRemoteCode
 from layerscope.errors import LayerscopeError
 
 
@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         device: Device = "cpu",
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
+        ray: RayAddress = None,
         quiet: Quiet = False,
     ) -> None:
         """Linear probes at every layer: accuracy with 95% CIs, shuffled-label control, concept depth."""
@@ -61,6 +62,12 @@ def register(app: typer.Typer) -> None:
             raise LayerscopeError("--on-long must be 'truncate' or 'error'")
         if n < 1 or batch_size < 1 or cka_tokens < 2 or (max_length is not None and max_length < 2):
             raise LayerscopeError("--n, --batch-size, --cka-tokens and --max-length must be positive")
+        if ray and cka_only:
+            raise LayerscopeError("--ray fans out the probe fits, and --cka-only fits none: leave one of them out")
+        if ray:  # the layer fits run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
         subject = load_subject(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         from layerscope.outputs import check_output
 
@@ -82,7 +89,7 @@ def register(app: typer.Typer) -> None:
                                control=control, batch_size=batch_size, max_length=max_length, on_long=on_long,
                                precision=precision,
                                cka=cka, cka_tokens=cka_tokens, cka_outlier_ratio=cka_outlier_ratio or None, seed=seed,
-                               progress=not quiet)
+                               progress=not quiet, ray=ray)
         paths = write_outputs(out, "probe.json", result, f"layerscope probe: {subject.model_id}", subject.model_dir,
                               verb="probe", force=force)
         if not quiet:

@@ -12,8 +12,10 @@ from layerscope.cli.parsers import (
     Dtype,
     Force,
     ModelArg,
+    Offload,
     PlanFile,
     Quiet,
+    RayAddress,
     TrustRemoteCode,
 )
 from layerscope.errors import LayerscopeError
@@ -39,6 +41,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("hqq", "--cost-format", help="Storage format whose bits are counted: hqq, gptq, compressed-tensors, llamacpp."),
         exact_loss: str = typer.Option("token_fisher", "--exact-loss", help="--by measured's loss per candidate: token_fisher (output error weighted per token and channel by the loss gradient) or fisher (per channel only); each option's estimates are checked against its measured uniform plan and rescaled."),
         search: bool = typer.Option(True, "--search/--no-search", help="--by measured: measure the uniform plan and the exact plans that change at most 1, 2, 4, ... 64 layers from it (or any number) on calibration text and keep the best; --no-search: the unconstrained exact plan."),
+        search_tokens: int = typer.Option(4096, "--search-tokens", help="--search: calibration tokens each candidate plan is measured on (at most --tokens)."),
         tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens for measured sensitivities."),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Held-out perplexity of the unquantized and the planned model."),
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Tokens of held-out Wikipedia for --eval."),
@@ -50,6 +53,8 @@ def register(app: typer.Typer) -> None:
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Quiet = False,
+        ray: RayAddress = None,
+        offload: Offload = None,
     ) -> None:
         """Choose a bit width per block (or linear layer) under a bits-per-weight budget, apply it, export it."""
         from layerscope.actions.quantize import plan_quantize, quantize
@@ -57,17 +62,21 @@ def register(app: typer.Typer) -> None:
 
         request = dict(budget=budget, bits=bits, group=group, by=by, scores=scores, granularity=granularity,
                        method=method, fmt=fmt, tokens=tokens, act_order=act_order, damp=damp, exact_loss=exact_loss,
-                       search=search)
+                       search=search, search_tokens=search_tokens)
         if plan is None and budget is None:
             raise LayerscopeError("--budget is required (or --plan FILE)")
+        if ray:  # the search's trials and the held-out evaluations run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
         if dry_run:
             the_plan = QuantPlan.from_file(plan) if plan else plan_quantize(
-                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
+                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, ray=ray, offload=offload, **request)
             typer.echo(the_plan.to_yaml(), nl=False)
             return
         common = dict(out=out, export=export, evaluate=evaluate, eval_tokens=eval_tokens, save_model=save_model,
                       force=force, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
-                      resume=resume, sequential=sequential)
+                      resume=resume, sequential=sequential, ray=ray, offload=offload)
         if plan is not None:
             request = {}
         result = quantize(model, plan, **common, **request)

@@ -6,7 +6,17 @@ from typing import Optional
 
 import typer
 
-from layerscope.cli.parsers import Device, DryRun, Dtype, Force, ModelArg, PlanFile, Quiet, TrustRemoteCode
+from layerscope.cli.parsers import (
+    Device,
+    DryRun,
+    Dtype,
+    Force,
+    ModelArg,
+    PlanFile,
+    Quiet,
+    RayAddress,
+    TrustRemoteCode,
+)
 from layerscope.errors import LayerscopeError
 
 
@@ -35,11 +45,16 @@ def register(app: typer.Typer) -> None:
         dtype: Dtype = None,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Quiet = False,
+        ray: RayAddress = None,
     ) -> None:
         """Prune the blocks' linear layers to a global sparsity with per-block levels, and save the sparse model."""
         from layerscope.actions.sparsify import plan_sparsify, sparsify
         from layerscope.plans.sparsify import SparsifyPlan
 
+        if ray:  # loss curves, the plan's and the uniform plan's pruning and perplexities run as Ray tasks
+            from layerscope.engine.ray_pool import require_ray
+
+            require_ray()
         if plan is None and sparsity is None and pattern == "unstructured":
             raise LayerscopeError("--sparsity is required (or --plan FILE, or an N:M --pattern)")
         request = dict(sparsity=sparsity if sparsity is not None else 0.5, method=method, pattern=pattern,
@@ -47,11 +62,12 @@ def register(app: typer.Typer) -> None:
                        owl_m=owl_m, exact_loss=exact_loss)
         if dry_run:
             the_plan = SparsifyPlan.from_file(plan).check() if plan else plan_sparsify(
-                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, **request)
+                model, quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, ray=ray,
+                **request)
             typer.echo(the_plan.to_yaml(), nl=False)
             return
         common = dict(out=out, evaluate=evaluate, eval_tokens=eval_tokens, check_uniform=check_uniform, force=force,
-                      quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+                      quiet=quiet, trust_remote_code=trust_remote_code, device=device, dtype=dtype, ray=ray)
         result = sparsify(model, plan, **common) if plan is not None else sparsify(model, **common, **request)
         if not quiet:
             typer.echo(result.summary())
