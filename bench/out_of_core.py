@@ -123,6 +123,27 @@ def cgroup_run(cmd: list[str], limit: int, env: dict) -> dict:
                 time.sleep(0.2)
 
 
+def cgroup_missing() -> bool:
+    """True (and says so) when the cgroup v1 memory controller is not writable here: nothing can be measured."""
+    if (CGROUP_ROOT / "memory.limit_in_bytes").exists() and os.access(CGROUP_ROOT, os.W_OK):
+        return False
+    print(f"SKIPPED: the cgroup v1 memory controller is not mounted writable at {CGROUP_ROOT} "
+          "(needs root and cgroup v1); nothing measured")
+    return True
+
+
+def run_under_half(cmd: list[str], nbytes: int, env: dict) -> dict:
+    """Run `cmd` with a memory limit of half the weights' size; exit with its stderr when it fails."""
+    limit = nbytes // 2
+    print(f"memory limit (cgroup v1 memory.limit_in_bytes): {limit / 2**30:.2f} GiB = weights / 2")
+    print("$ layerscope " + " ".join(cmd[3:]))
+    r = cgroup_run(cmd, limit, env)
+    if r["rc"] != 0:
+        print(f"FAILED (exit {r['rc']}, cgroup failcnt {r['failcnt']}):\n{r['stderr'][-2000:]}")
+        sys.exit(1)
+    return r
+
+
 def values(path: Path) -> dict:
     d = json.loads(path.read_text())
     return {c["name"]: c["values"] for c in d["columns"]} if isinstance(d.get("columns"), list) else \
@@ -188,8 +209,7 @@ def quantize_cmd(model: str, out: Path, tokens: int, *extra: str) -> list[str]:
 
 def big_quantize(args, env) -> None:
     print(f"\n== synthetic Llama >= {args.quantize_gb} GB fp32, quantize (GPTQ 4-bit) under half its size ==")
-    if not (CGROUP_ROOT / "memory.limit_in_bytes").exists() or not os.access(CGROUP_ROOT, os.W_OK):
-        print(f"SKIPPED: the cgroup v1 memory controller is not mounted writable at {CGROUP_ROOT}; nothing measured")
+    if cgroup_missing():
         return
     root = Path(tempfile.mkdtemp(prefix="layerscope-ooq-", dir=args.dir))
     try:
@@ -197,14 +217,7 @@ def big_quantize(args, env) -> None:
         layers, nbytes = write_model(root / "model", args.quantize_gb, shape=QUANT_SHAPE)
         print(f"wrote {layers} blocks (hidden {hidden}, MLP {inter}, {block_params(hidden, inter) * 4 / 1e6:.0f} MB "
               f"per block; embeddings and head {2 * 49152 * hidden * 4 / 1e6:.0f} MB), weights {nbytes / 1e9:.2f} GB")
-        limit = nbytes // 2
-        cmd = quantize_cmd(str(root / "model"), root / "quant", args.quant_tokens)
-        print(f"memory limit: {limit / 2**30:.2f} GiB = weights / 2")
-        print("$ layerscope " + " ".join(cmd[3:]))
-        r = cgroup_run(cmd, limit, env)
-        if r["rc"] != 0:
-            print(f"FAILED (exit {r['rc']}, cgroup failcnt {r['failcnt']}):\n{r['stderr'][-2000:]}")
-            sys.exit(1)
+        r = run_under_half(quantize_cmd(str(root / "model"), root / "quant", args.quant_tokens), nbytes, env)
         res = json.loads((root / "quant" / "quantize.json").read_text())
         ev, ex = res["evaluations"], res["exported"]["compressed-tensors model"]
         out_bytes = sum(f.stat().st_size for f in (root / "quant" / "model").glob("*.safetensors"))
@@ -249,9 +262,7 @@ def small_quantize_check(tokens: int, env: dict) -> None:
 
 def big(args, env) -> None:
     print(f"\n== synthetic Llama >= {args.gb} GB fp32, scan under a memory limit of half its size ==")
-    if not (CGROUP_ROOT / "memory.limit_in_bytes").exists() or not os.access(CGROUP_ROOT, os.W_OK):
-        print(f"SKIPPED: the cgroup v1 memory controller is not mounted writable at {CGROUP_ROOT} "
-              "(needs root and cgroup v1); nothing measured")
+    if cgroup_missing():
         return
     root = Path(tempfile.mkdtemp(prefix="layerscope-ooc-", dir=args.dir))
     try:
@@ -259,15 +270,9 @@ def big(args, env) -> None:
         layers, nbytes = write_model(root / "model", args.gb)
         print(f"wrote {layers} blocks (hidden {HIDDEN}, MLP {INTER}, {block_params() * 4 / 1e6:.0f} MB per block), "
               f"weights {nbytes / 1e9:.2f} GB ({nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
-        limit = nbytes // 2
         cmd = [*layerscope_cmd(), "scan", str(root / "model"), "--tokens", str(args.tokens), "--seq-len", "128",
                "--batch-size", "4", "-q", "--out", str(root / "scan")]
-        print(f"memory limit (cgroup v1 memory.limit_in_bytes): {limit / 2**30:.2f} GiB = weights / 2")
-        print("$ layerscope " + " ".join(cmd[3:]))
-        r = cgroup_run(cmd, limit, env)
-        if r["rc"] != 0:
-            print(f"FAILED (exit {r['rc']}, cgroup failcnt {r['failcnt']}):\n{r['stderr'][-2000:]}")
-            sys.exit(1)
+        r = run_under_half(cmd, nbytes, env)
         notes = json.loads((root / "scan" / "scores.json").read_text())["provenance"]["notes"]
         cols = values(root / "scan" / "scores.json")
         print(r["stdout"].strip().splitlines()[-1])

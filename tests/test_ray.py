@@ -146,25 +146,32 @@ def _probe_tok_and_model():
     return tok, LlamaForCausalLM(cfg).eval()
 
 
+def _local_equals_ray(verb, src, tmp_path, subdirs: tuple[str, ...], **kw) -> dict:
+    """Run `verb` locally and with `ray="local"`: the same result (but the out path and creation stamp) and
+    the same saved safetensors in each of `subdirs`, byte for byte. Returns the local result."""
+    a = verb(src, out=tmp_path / "local", **kw).to_dict()
+    b = verb(src, out=tmp_path / "ray", ray="local", **kw).to_dict()
+    for d in (a, b):
+        d.pop("out", None), d["plan"]["provenance"].pop("created", None)
+    assert a == b
+    for sub in subdirs:
+        files = sorted(p.name for p in (tmp_path / "local" / sub).glob("*.safetensors"))
+        assert files and all((tmp_path / "local" / sub / f).read_bytes() == (tmp_path / "ray" / sub / f).read_bytes()
+                             for f in files)
+    return a
+
+
 @needs_ray
 def test_ray_sparsify_plan_evaluations_equal_the_local_run(local_cluster, tmp_path):
     """`sparsify --ray`: the exact allocation's loss curves, the plan and the uniform plan pruned side by side
     and every perplexity run as Ray tasks give the local run's result and saved weights byte for byte."""
     from layerscope.actions.sparsify import sparsify
 
-    src = tm.save_tiny("llama", tmp_path / "model")
-    kw = dict(sparsity=0.5, method="sparsegpt", allocation="exact", exact_loss="output_kl", tokens=256, seq_len=64,
-              eval_tokens=512, select_tokens=256)
-    a = sparsify(src, out=tmp_path / "local", **kw).to_dict()
-    b = sparsify(src, out=tmp_path / "ray", ray="local", **kw).to_dict()
-    for d in (a, b):
-        d.pop("out", None), d["plan"]["provenance"].pop("created", None)
-    assert a == b
+    a = _local_equals_ray(sparsify, tm.save_tiny("llama", tmp_path / "model"), tmp_path, ("model",), sparsity=0.5,
+                          method="sparsegpt", allocation="exact", exact_loss="output_kl", tokens=256, seq_len=64,
+                          eval_tokens=512, select_tokens=256)
     ppl = [e["perplexity"] for e in a["evaluations"]]
     assert len(ppl) >= 2 and len(set(ppl)) == len(ppl)  # the dense and the sparse model differ
-    files = sorted(p.name for p in (tmp_path / "local" / "model").glob("*.safetensors"))
-    assert files and all((tmp_path / "local" / "model" / f).read_bytes() == (tmp_path / "ray" / "model" / f).read_bytes()
-                         for f in files)
 
 
 @needs_ray
@@ -173,20 +180,11 @@ def test_ray_lowrank_plan_evaluations_equal_the_local_run(local_cluster, tmp_pat
     and every perplexity run as Ray tasks give the local run's result and saved tensors byte for byte."""
     from layerscope.actions.lowrank import lowrank
 
-    src = tm.save_tiny("llama", tmp_path / "model")
-    kw = dict(reduction=0.3, method="whitened", allocation="exact", exact_loss="fisher", tokens=256, seq_len=64,
-              eval_tokens=512, select_tokens=256)
-    a = lowrank(src, out=tmp_path / "local", **kw).to_dict()
-    b = lowrank(src, out=tmp_path / "ray", ray="local", **kw).to_dict()
-    for d in (a, b):
-        d.pop("out", None), d["plan"]["provenance"].pop("created", None)
-    assert a == b
+    a = _local_equals_ray(lowrank, tm.save_tiny("llama", tmp_path / "model"), tmp_path, ("factorized", "dense"),
+                          reduction=0.3, method="whitened", allocation="exact", exact_loss="fisher", tokens=256,
+                          seq_len=64, eval_tokens=512, select_tokens=256)
     ppl = [e["perplexity"] for e in a["evaluations"]]
     assert len(ppl) >= 2 and len(set(ppl)) == len(ppl)  # the dense and the factorized model differ
-    for sub in ("factorized", "dense"):
-        files = sorted(p.name for p in (tmp_path / "local" / sub).glob("*.safetensors"))
-        assert files and all((tmp_path / "local" / sub / f).read_bytes() == (tmp_path / "ray" / sub / f).read_bytes()
-                             for f in files)
 
 
 @pytest.mark.parametrize("verb", [["scan", "-m", "ablation"], ["sweep", "--remove", "0..1"], ["probe"],
@@ -276,3 +274,15 @@ def test_ray_merge_flag_without_ray_is_one_line_and_a_failure(monkeypatch, capsy
         cli.main()
     err = capsys.readouterr().err.strip()
     assert exc.value.code not in (0, None) and len(err.splitlines()) == 1 and "layerscope[ray]" in err
+
+
+def test_merge_ray_without_a_lambda_grid_is_refused(monkeypatch, capsys):
+    import sys
+
+    from layerscope.cli import app as cli
+
+    monkeypatch.setattr(sys, "argv", ["layerscope", "merge", "base", "ft", "--ray"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code not in (0, None) and "--lambda-grid" in err and "Traceback" not in err

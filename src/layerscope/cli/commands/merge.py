@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
             from layerscope.engine.ray_pool import require_ray
 
             require_ray()
+            if lambda_grid is None and plan is None:
+                raise LayerscopeError("--ray fans out the points of --lambda-grid, and no grid was given: "
+                                      "add --lambda-grid or leave --ray out")
         if plan is not None:
             if models:
                 raise LayerscopeError("--plan already names the models: drop BASE FT1 ...")
